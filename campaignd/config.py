@@ -529,13 +529,13 @@ def _resolve_paths(data: dict[str, Any], base: Path, env: dict[str, str]) -> dic
     to ``$STATE_DIRECTORY`` under systemd, else ``./var``."""
     data = dict(data)
     if isinstance(data.get("templates"), str):
-        data["templates"] = str(base / data["templates"])
+        data["templates"] = os.path.normpath(base / data["templates"])
     elif "templates" not in data:
-        data["templates"] = str(base / "templates") if (base / "templates").is_dir() else str(
-            base.parent / "templates"
+        data["templates"] = os.path.normpath(
+            base / "templates" if (base / "templates").is_dir() else base.parent / "templates"
         )
     if isinstance(data.get("state_dir"), str):
-        data["state_dir"] = str(base / data["state_dir"])
+        data["state_dir"] = os.path.normpath(base / data["state_dir"])
     elif "state_dir" not in data:
         state = env.get("STATE_DIRECTORY", "").split(":")[0]
         data["state_dir"] = state or "var"

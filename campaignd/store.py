@@ -163,7 +163,7 @@ class Result:
     """What happened to one claimed touch, as the dispatcher reports it."""
 
     touch_id: int
-    outcome: str  # "sent" | "temporary" | "permanent" | "unknown" | "skipped"
+    outcome: str  # "sent" | "temporary" | "permanent" | "rejected" | "unknown" | "skipped"
     detail: str = ""
     message_id: str | None = None
 
@@ -254,7 +254,7 @@ class Store:
                 sa.select(suppressions_t.c.email, suppressions_t.c.reason).where(
                     suppressions_t.c.email.in_(emails)
                 )
-            ).tuples()
+            ).all()
         )
         inserts: list[dict[str, Any]] = []
         updates: list[dict[str, Any]] = []
@@ -776,13 +776,17 @@ class Store:
             self._lock_leads(conn, lead_ids)
             states = self._states(conn, lead_ids)
             emails = dict(
-                conn.execute(sa.select(leads_t.c.id, leads_t.c.email).where(leads_t.c.id.in_(lead_ids))).tuples()
+                conn.execute(sa.select(leads_t.c.id, leads_t.c.email).where(leads_t.c.id.in_(lead_ids))).all()
             )
             touch_updates: list[dict[str, Any]] = []
             lead_updates: list[dict[str, Any]] = []
             for touch_id, result in by_id.items():
                 t = touch_rows.get(touch_id)
-                if t is None or t.status != TouchStatus.SENDING.value:
+                # A result for work that never left (rendering failed) may come from 'claimed'.
+                allowed = {TouchStatus.SENDING.value}
+                if result.outcome in ("rejected", "skipped"):
+                    allowed.add(TouchStatus.CLAIMED.value)
+                if t is None or t.status not in allowed:
                     logger.warning("touch %s is %s, not sending; result %s ignored", touch_id,
                                    t.status if t else "missing", result.outcome)
                     continue
@@ -915,7 +919,7 @@ class Store:
             touch_status = dict(
                 conn.execute(
                     sa.select(touches_t.c.status, sa.func.count()).group_by(touches_t.c.status)
-                ).tuples()
+                ).all()
             )
 
             def attention(status: TouchStatus) -> list[tuple[TouchRecord, str]]:

@@ -1,0 +1,325 @@
+"""The dispatcher: one pass claims due steps, renders, sends and records them.
+
+The imperative shell around the decision core. A pass asks the store for a batch of due
+steps (claimed under a lease), renders each, and hands it to its channel through a few
+workers per channel. Each message is committed as ``sending`` just before it leaves and
+its answer is committed right after, both through group commits, so at any instant the
+only touches that a crash can leave ambiguous are the ones really on the wire, at most
+one per worker. Claimed work that never started to leave is given back on shutdown (and
+would be taken over by anyone after its lease anyway).
+
+Database calls run in worker threads; the event loop only waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Generic, TypeVar
+
+from campaignd.channels import Channel, Outgoing
+from campaignd.config import Channel as ChannelKind
+from campaignd.config import Settings, Step
+from campaignd.message import build_email, message_id
+from campaignd.render import Renderer, RenderError, lead_context
+from campaignd.sequences import Policy
+from campaignd.store import Claim, Recorded, Result, Store
+from campaignd.unsubscribe import Signer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def utcnow() -> datetime:
+    """The one wall clock of campaignd. Only the shell calls it, once per decision."""
+    return datetime.now(UTC)
+
+
+class GroupCommit(Generic[T, R]):
+    """Coalesces concurrent requests into one database transaction.
+
+    Workers submit items and wait; whoever arrives while a commit is running is taken
+    by the next one. With N workers this costs about one commit per N messages while
+    keeping each worker's item durable before it goes on.
+
+    :param commit: runs in a thread with a list of items and returns one answer per item.
+    :param retry_for: keep retrying a failing commit this long (the database may be
+        restarting) before giving the error to the waiters.
+    """
+
+    def __init__(self, commit: Callable[[list[T]], list[R]], *, name: str,
+                 retry_for: float = 0.0, stopping: asyncio.Event | None = None) -> None:
+        self._commit = commit
+        self._name = name
+        self._retry_for = retry_for
+        self._stopping = stopping
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            items = [item for item, _ in batch]
+            try:
+                answers = await self._with_retry(items)
+            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), answer in zip(batch, answers, strict=True):
+                if not fut.done():
+                    fut.set_result(answer)
+
+    async def _with_retry(self, items: list[T]) -> list[R]:
+        deadline = time.monotonic() + self._retry_for
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(self._commit, items)
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                logger.warning("%s failed (%s); retrying in %.1fs", self._name, _short(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
+
+@dataclass(slots=True)
+class PassReport:
+    """What one dispatch pass did."""
+
+    claimed: int = 0
+    rescheduled: int = 0
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    bounced: int = 0
+    unknown: int = 0
+    skipped: int = 0
+    released: int = 0
+    promoted: int = 0
+    flagged: int = 0
+    seconds: float = 0.0
+    events: list[Recorded] = field(default_factory=list)
+
+    def add(self, rec: Recorded) -> None:
+        counter = {"sent": "sent", "retry": "retried", "failed": "failed", "bounced": "bounced",
+                   "unknown": "unknown", "skipped": "skipped"}.get(rec.status)
+        if counter:
+            setattr(self, counter, getattr(self, counter) + 1)
+        self.promoted += rec.promoted
+        self.flagged += rec.flagged
+
+    def summary(self) -> str:
+        parts = [f"claimed {self.claimed}", f"sent {self.sent}"]
+        for name in ("retried", "failed", "bounced", "unknown", "skipped", "released", "promoted", "flagged"):
+            if getattr(self, name):
+                parts.append(f"{name} {getattr(self, name)}")
+        return ", ".join(parts) + f" in {self.seconds:.1f}s"
+
+
+class Dispatcher:
+    """Runs dispatch passes.
+
+    :param store: the database.
+    :param settings: the configuration in force (replaced on reload).
+    :param renderer: templates for ``settings``.
+    :param signer: builds unsubscribe links.
+    :param channels: one channel per step kind: ``"email"`` and ``"mail"``.
+    :param worker: this daemon's name in claims (host, pid, random suffix).
+    :param clock: the wall clock used to time-stamp what actually happened.
+    """
+
+    def __init__(self, *, store: Store, settings: Settings, renderer: Renderer, signer: Signer,
+                 channels: Mapping[str, Channel], worker: str,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.store = store
+        self.worker = worker
+        self.channels = dict(channels)
+        self.clock = clock
+        self.stopping = asyncio.Event()
+        self.reconfigure(settings=settings, renderer=renderer, signer=signer)
+
+    def reconfigure(self, *, settings: Settings, renderer: Renderer, signer: Signer) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        self.signer = signer
+        self.policy = Policy.from_settings(settings)
+        self._steps = {
+            (tier.value, step.id): (index, step)
+            for tier, seq in settings.sequences.items()
+            for index, step in enumerate(seq.steps)
+        }
+
+    def stop(self) -> None:
+        """Stop taking new work; messages already leaving are finished and recorded."""
+        self.stopping.set()
+
+    async def run_pass(self, now: datetime) -> PassReport:
+        started = time.monotonic()
+        report = PassReport()
+        dispatch = self.settings.dispatch
+        claimed = await asyncio.to_thread(
+            self.store.claim, policy=self.policy, now=now, limit=dispatch.batch_size, worker=self.worker
+        )
+        report.claimed, report.rescheduled = len(claimed.claims), claimed.planned
+        if not claimed.claims:
+            report.seconds = time.monotonic() - started
+            return report
+
+        marker: GroupCommit[int, bool] = GroupCommit(self._mark, name="marking messages as sending",
+                                                     retry_for=5.0)
+        recorder: GroupCommit[Result, Recorded | None] = GroupCommit(
+            self._record, name="recording results", retry_for=dispatch.stop_timeout.total_seconds() * 15,
+        )
+        queues: dict[str, asyncio.Queue[Claim]] = {}
+        for claim in claimed.claims:
+            found = self._steps.get((claim.tier, claim.step))
+            kind = found[1].channel.value if found else ChannelKind.EMAIL.value
+            queues.setdefault(kind, asyncio.Queue()).put_nowait(claim)
+
+        opened: list[Channel] = []
+        try:
+            workers: list[Awaitable[None]] = []
+            for kind, queue in queues.items():
+                channel = self.channels[kind]
+                await channel.open()
+                opened.append(channel)
+                for _ in range(max(1, channel.concurrency)):
+                    workers.append(self._work(channel, queue, marker, recorder, report))
+            await asyncio.gather(*workers)
+        finally:
+            for channel in opened:
+                try:
+                    await channel.close()
+                except Exception as exc:  # noqa: BLE001 - closing must not hide the pass's result
+                    logger.warning("closing channel %s failed: %s", channel.name, _short(exc))
+            leftover = [claim.touch_id for q in queues.values() for claim in _drain(q)]
+            if leftover:
+                report.released = await asyncio.to_thread(
+                    self.store.release, leftover, worker=self.worker, now=self.clock()
+                )
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _work(self, channel: Channel, queue: asyncio.Queue[Claim],
+                    marker: GroupCommit[int, bool], recorder: GroupCommit[Result, Recorded | None],
+                    report: PassReport) -> None:
+        while not self.stopping.is_set():
+            try:
+                claim = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                outgoing = self._build(claim)
+            except RenderError as exc:
+                logger.error("cannot render %s/%s for %s: %s", claim.tier, claim.step, claim.lead.email, exc)
+                await self._finish(recorder, report, Result(claim.touch_id, "rejected", str(exc)))
+                continue
+            except _StepGone:
+                # The step left the configuration since the claim: give the work back.
+                await asyncio.to_thread(self.store.release, [claim.touch_id], worker=self.worker,
+                                        now=self.clock())
+                continue
+            if not await marker.submit(claim.touch_id):
+                logger.warning("touch %s is no longer ours (lease taken over); not sending", claim.touch_id)
+                continue
+            delivery = await channel.send(outgoing)
+            result = Result(claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id)
+            await self._finish(recorder, report, result)
+
+    async def _finish(self, recorder: GroupCommit[Result, Recorded | None], report: PassReport,
+                      result: Result) -> None:
+        rec = await recorder.submit(result)
+        if rec is not None:
+            report.add(rec)
+            _log_event(rec)
+
+    def _build(self, claim: Claim) -> Outgoing:
+        found = self._steps.get((claim.tier, claim.step))
+        if found is None:
+            raise _StepGone
+        index, step = found
+        lead = claim.lead
+        links = self.signer.links(lead.id, lead.email)
+        rendered = self.renderer.render(lead=lead_context(lead), tier=claim.tier, step=step,
+                                        index=index, links=links)
+        msg_id = message_id(touch_id=claim.touch_id, lead_id=lead.id, sender=self.settings.sender)
+        if step.channel == ChannelKind.MAIL:
+            return Outgoing(claim.touch_id, self.settings.sender.from_address, lead.email,
+                            rendered.html.encode(), msg_id, kind="mail",
+                            filename_hint=_slug(f"{claim.tier}-{step.id}-{lead.email}"))
+        data = build_email(rendered, sender=self.settings.sender, to_name=f"{lead.first_name} {lead.last_name}",
+                           to_address=lead.email, msg_id=msg_id, date=self.clock(), links=links,
+                           step_label=f"{claim.tier}/{step.id}")
+        return Outgoing(claim.touch_id, self.settings.sender.from_address, lead.email, data, msg_id,
+                        filename_hint=_slug(f"{claim.tier}-{step.id}"))
+
+    def _mark(self, touch_ids: list[int]) -> list[bool]:
+        marked = self.store.mark_sending(touch_ids, worker=self.worker, now=self.clock(),
+                                         lease=self.settings.dispatch.lease)
+        return [t in marked for t in touch_ids]
+
+    def _record(self, results: list[Result]) -> list[Recorded | None]:
+        d = self.settings.dispatch
+        recorded = self.store.record(results, policy=self.policy, now=self.clock(),
+                                     max_attempts=d.max_attempts, backoff=d.retry_backoff,
+                                     backoff_max=d.retry_backoff_max)
+        by_id = {r.touch_id: r for r in recorded}
+        return [by_id.get(r.touch_id) for r in results]
+
+
+class _StepGone(Exception):
+    pass
+
+
+def _drain(queue: asyncio.Queue[Claim]) -> list[Claim]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+def _log_event(rec: Recorded) -> None:
+    step = f"{rec.tier}/{rec.step}"
+    if rec.status == "sent":
+        logger.info("sent %s to %s (touch %d)", step, rec.email, rec.touch_count)
+        if rec.promoted:
+            logger.info("promoted %s from cold to warm", rec.email)
+        if rec.flagged:
+            logger.info("flagged %s for sales follow-up after %d touches", rec.email, rec.touch_count)
+    elif rec.status == "retry":
+        when = rec.retry_at.strftime("%Y-%m-%d %H:%M:%S") if rec.retry_at else "later"
+        logger.warning("deferred %s to %s until %s: %s", step, rec.email, when, rec.detail)
+    elif rec.status == "bounced":
+        logger.warning("bounced %s to %s, address suppressed: %s", step, rec.email, rec.detail)
+    elif rec.status == "unknown":
+        logger.error("unknown outcome of %s to %s (touch %d): %s", step, rec.email, rec.touch_id, rec.detail)
+    elif rec.status == "skipped":
+        logger.warning("skipped %s for %s: %s", step, rec.email, rec.detail)
+    else:
+        logger.error("failed %s to %s (touch %d): %s", step, rec.email, rec.touch_id, rec.detail)
