@@ -21,6 +21,10 @@ from campaignd.render import Rendered
 from campaignd.unsubscribe import Links
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# Fold long headers only past RFC 5322's hard limit: the default 78 would turn the long
+# words of List-Unsubscribe (URLs with a token) into RFC 2047 encoded words, which no
+# mail client can follow.
+POLICY = SMTP.clone(max_line_length=998)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +63,7 @@ def build_email(
     step_label: str,
 ) -> bytes:
     """The complete message as bytes, ready for ``DATA``."""
-    msg = EmailMessage(policy=SMTP)
+    msg = EmailMessage(policy=POLICY)
     msg["From"] = _address(sender.from_name, sender.from_address)
     msg["To"] = _address(to_name, to_address)
     if sender.reply_to:
@@ -72,4 +76,4 @@ def build_email(
     msg["X-Campaignd-Step"] = safe_header_text(step_label)
     msg.set_content(rendered.text, subtype="plain", charset="utf-8")
     msg.add_alternative(rendered.html, subtype="html", charset="utf-8")
-    return msg.as_bytes(policy=SMTP)
+    return msg.as_bytes(policy=POLICY)
