@@ -6,6 +6,7 @@ a traceback, and the command exits 1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,8 +70,9 @@ class State:
     def store(self, *, require_head: bool = True) -> Store:
         if self._store is None:
             s = self.settings()
-            engine = database.create_engine(s.database_url,
-                                            busy_timeout_s=s.database.busy_timeout.total_seconds())
+            engine = database.create_engine(
+                s.database_url, busy_timeout_s=s.database.busy_timeout.total_seconds()
+            )
             if require_head:
                 database.require_head(engine)
             self._store = Store(engine=engine)
@@ -95,23 +97,33 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    config: Annotated[Path | None, typer.Option(
-        "--config", "-c", envvar="CAMPAIGND_CONFIG", show_envvar=True,
-        help="The TOML config file (default: ./campaignd.toml, then /etc/campaignd/campaignd.toml).",
-    )] = None,
-    log_level: Annotated[LogLevel | None, typer.Option(
-        "--log-level", help="Override [logging] level from the config.", case_sensitive=False,
-    )] = None,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="CAMPAIGND_CONFIG",
+            show_envvar=True,
+            help="The TOML config file (default: ./campaignd.toml, then /etc/campaignd/campaignd.toml).",
+        ),
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option(
+            "--log-level",
+            help="Override [logging] level from the config.",
+            case_sensitive=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     STATE.config = config
     STATE.overrides = {"logging": {"level": log_level.value}} if log_level else {}
     level = log_level.value if log_level else "INFO"
-    try:
+    with contextlib.suppress(CampaigndError):  # reported by the command that needs the settings
         level = STATE.settings().logging.level
-    except CampaigndError:
-        pass  # reported by the command that needs the settings
     setup_logging(level, journal=bool(os.environ.get("JOURNAL_STREAM")))
 
 
@@ -149,8 +161,10 @@ def fmt_time(value: datetime | None, zone: str | None = None) -> str:
 @app.command()
 def run(
     once: Annotated[bool, typer.Option("--once", help="Do the passes that are due now, then exit.")] = False,
-    for_: Annotated[str | None, typer.Option("--for", metavar="DURATION",
-                                             help="Stop by itself after this long (e.g. 60s).")] = None,
+    for_: Annotated[
+        str | None,
+        typer.Option("--for", metavar="DURATION", help="Stop by itself after this long (e.g. 60s)."),
+    ] = None,
 ) -> None:
     """Run the daemon: send due steps, count touches, promote and flag leads."""
     from campaignd.daemon import Daemon
@@ -202,11 +216,18 @@ def _print_sequences(settings: Settings) -> None:
         for i, step in enumerate(seq.steps, 1):
             window = seq.window_for(step)
             extra = f", window {window.describe()}" if window else ""
-            out(f"    {i}. {step.id:<20} {step.channel.value:<5} {step.template:<28} "
-                f"after {_fmt_delay(step.delay)}{extra}")
-    out(f"  flagged for sales after {settings.followup.threshold} touches; cold→warm "
-        + ("when the cold sequence completes" if settings.promotion.rule == "sequence_complete"
-           else f"after {settings.promotion.after_touches} touches"))
+            out(
+                f"    {i}. {step.id:<20} {step.channel.value:<5} {step.template:<28} "
+                f"after {_fmt_delay(step.delay)}{extra}"
+            )
+    out(
+        f"  flagged for sales after {settings.followup.threshold} touches; cold→warm "
+        + (
+            "when the cold sequence completes"
+            if settings.promotion.rule == "sequence_complete"
+            else f"after {settings.promotion.after_touches} touches"
+        )
+    )
 
 
 def _fmt_delay(delay: timedelta) -> str:
@@ -225,17 +246,30 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readabl
     store = STATE.store()
     if as_json:
         r = store.status_report(now=utcnow())
-        emit_json({
-            "leads": [{"tier": t, "status": s, "count": n} for (t, s), n in sorted(r.by_tier_status.items())],
-            "due_now": r.due_now, "next_due_at": r.next_due_at, "sent_last_24h": r.sent_last_day,
-            "touches_by_status": r.touches_by_status, "suppressed": r.suppressed,
-            "unknown": [{"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error}
-                        for t, e in r.unknown],
-            "failed": [{"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error}
-                       for t, e in r.failed],
-            "flagged_last_24h": [{"email": lead.email, "flagged_at": lead.flagged_at, "reason": lead.flag_reason}
-                                 for lead in r.flagged_recent],
-        })
+        emit_json(
+            {
+                "leads": [
+                    {"tier": t, "status": s, "count": n} for (t, s), n in sorted(r.by_tier_status.items())
+                ],
+                "due_now": r.due_now,
+                "next_due_at": r.next_due_at,
+                "sent_last_24h": r.sent_last_day,
+                "touches_by_status": r.touches_by_status,
+                "suppressed": r.suppressed,
+                "unknown": [
+                    {"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error}
+                    for t, e in r.unknown
+                ],
+                "failed": [
+                    {"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error}
+                    for t, e in r.failed
+                ],
+                "flagged_last_24h": [
+                    {"email": lead.email, "flagged_at": lead.flagged_at, "reason": lead.flag_reason}
+                    for lead in r.flagged_recent
+                ],
+            }
+        )
         return
     _print_status(store, settings)
 
@@ -260,8 +294,10 @@ def _print_status(store: Store, settings: Settings) -> None:
         out(f"\nflagged for sales follow-up (24h): {len(r.flagged_recent)}")
         for lead in r.flagged_recent[:20]:
             out(f"  {lead.email:<36} {lead.name:<24} {lead.touch_count} touches  {fmt_time(lead.flagged_at)}")
-    for title, rows in (("UNKNOWN outcome (check, then 'campaignd touches retry ID')", r.unknown),
-                        ("FAILED (check, then 'campaignd touches retry ID')", r.failed)):
+    for title, rows in (
+        ("UNKNOWN outcome (check, then 'campaignd touches retry ID')", r.unknown),
+        ("FAILED (check, then 'campaignd touches retry ID')", r.failed),
+    ):
         if rows:
             out(f"\n{title}: {len(rows)}")
             for t, email in rows[:50]:
@@ -281,8 +317,9 @@ def plan(
     policy = Policy.from_settings(settings)
     now = utcnow()
     until = now + timedelta(days=days)
-    leads: list[LeadRecord] = [store.get_lead(lead)] if lead else list(
-        store.list_leads(active_only=True, limit=limit))
+    leads: list[LeadRecord] = (
+        [store.get_lead(lead)] if lead else list(store.list_leads(active_only=True, limit=limit))
+    )
     states = store.lead_states(leads)
     entries: list[dict[str, Any]] = []
     ends: dict[str, str] = {}
@@ -290,11 +327,21 @@ def plan(
         fc = forecast(states[rec.id], policy, now=now, until=until)
         ends[rec.email] = fc.end
         for p in fc.touches:
-            entries.append({"at": p.at, "email": rec.email, "name": rec.name, "tier": p.tier,
-                            "step": p.step.id, "channel": p.step.channel.value,
-                            "template": p.step.template, "touch_number": p.touch_number,
-                            "promotes": p.promotes, "flags": p.flags,
-                            "local_time": fmt_time(p.at, rec.timezone or settings.timezone)})
+            entries.append(
+                {
+                    "at": p.at,
+                    "email": rec.email,
+                    "name": rec.name,
+                    "tier": p.tier,
+                    "step": p.step.id,
+                    "channel": p.step.channel.value,
+                    "template": p.step.template,
+                    "touch_number": p.touch_number,
+                    "promotes": p.promotes,
+                    "flags": p.flags,
+                    "local_time": fmt_time(p.at, rec.timezone or settings.timezone),
+                }
+            )
     entries.sort(key=lambda e: (e["at"], e["email"]))
     if as_json:
         emit_json({"from": now, "until": until, "touches": entries, "leads": ends})
@@ -305,8 +352,10 @@ def plan(
         out(f"{'when (UTC)':<17} {'lead local time':<22} {'lead':<32} {'step':<18} {'channel':<7} touch")
     for e in entries:
         marks = (" → warm" if e["promotes"] else "") + (" → FLAG for sales" if e["flags"] else "")
-        out(f"{e['at'].strftime('%Y-%m-%d %H:%M'):<17} {e['local_time']:<22} {e['email']:<32} "
-            f"{e['tier'] + '/' + e['step']:<18} {e['channel']:<7} #{e['touch_number']}{marks}")
+        out(
+            f"{e['at'].strftime('%Y-%m-%d %H:%M'):<17} {e['local_time']:<22} {e['email']:<32} "
+            f"{e['tier'] + '/' + e['step']:<18} {e['channel']:<7} #{e['touch_number']}{marks}"
+        )
     if lead:
         out(f"\n{lead}: {ends[store.get_lead(lead).email] or 'more steps after ' + str(days) + ' days'}")
     else:
@@ -325,8 +374,10 @@ def config_check() -> None:
     settings = STATE.settings()
     prepare(settings, create_key=False)
     steps = sum(len(s.steps) for s in settings.sequences.values())
-    out(f"{path or 'defaults'}: configuration valid ({len(settings.sequences)} sequences, {steps} steps, "
-        f"templates in {settings.templates})")
+    out(
+        f"{path or 'defaults'}: configuration valid ({len(settings.sequences)} sequences, {steps} steps, "
+        f"templates in {settings.templates})"
+    )
 
 
 @config_app.command("show")
@@ -377,15 +428,20 @@ def db_current() -> None:
 
 @templates_app.command("check")
 def templates_check(
-    all_leads: Annotated[bool, typer.Option("--all-leads", help="Also render for every active lead.")] = False,
+    all_leads: Annotated[
+        bool, typer.Option("--all-leads", help="Also render for every active lead.")
+    ] = False,
 ) -> None:
     """Render every template the sequences use and report each problem with file and line."""
     from campaignd.render import Renderer, lead_context
     from campaignd.unsubscribe import Signer, load_keys
 
     settings = STATE.settings()
-    signer = Signer(keys=load_keys(settings, create=False), base_url=settings.unsubscribe.base_url,
-                    mailto=settings.unsubscribe.mailto)
+    signer = Signer(
+        keys=load_keys(settings, create=False),
+        base_url=settings.unsubscribe.base_url,
+        mailto=settings.unsubscribe.mailto,
+    )
     renderer = Renderer(settings=settings)
     leads: Iterator[dict[str, Any]] = iter(())
     if all_leads:
@@ -412,8 +468,14 @@ def leads_import(
     store = STATE.store()
     progress = _progress_bar(file)
     try:
-        report = import_leads(store, file, default_tier=tier.value, now=utcnow(), dry_run=dry_run,
-                              progress=progress.update if progress else None)
+        report = import_leads(
+            store,
+            file,
+            default_tier=tier.value,
+            now=utcnow(),
+            dry_run=dry_run,
+            progress=progress.update if progress else None,
+        )
     finally:
         if progress:
             progress.close()
@@ -432,8 +494,9 @@ class _Progress:
     def __init__(self, total: int) -> None:
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-        self.bar = Progress("importing", BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                            transient=True, console=None)
+        self.bar = Progress(
+            "importing", BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=True, console=None
+        )
         self.task = self.bar.add_task("import", total=total)
         self.bar.start()
 
@@ -465,8 +528,9 @@ def leads_list(
     """List leads."""
     store = STATE.store()
     wanted = LeadStatus.FLAGGED if flagged else status_
-    leads = store.list_leads(tier=tier.value if tier else None,
-                             status=wanted.value if wanted else None, limit=limit)
+    leads = store.list_leads(
+        tier=tier.value if tier else None, status=wanted.value if wanted else None, limit=limit
+    )
     if as_json:
         emit_json([_lead_json(lead) for lead in leads])
         return
@@ -476,8 +540,10 @@ def leads_list(
             out(f"{'email':<36} {'name':<24} {'company':<20} {'tier':<5} {'status':<12} touches  next")
         count += 1
         nxt = f"{lead.next_step} {fmt_time(lead.next_due_at)}" if lead.next_step else "-"
-        out(f"{lead.email:<36} {lead.name[:24]:<24} {lead.company[:20]:<20} {lead.tier:<5} "
-            f"{lead.status:<12} {lead.touch_count:>7}  {nxt}")
+        out(
+            f"{lead.email:<36} {lead.name[:24]:<24} {lead.company[:20]:<20} {lead.tier:<5} "
+            f"{lead.status:<12} {lead.touch_count:>7}  {nxt}"
+        )
     out(f"{count} leads")
 
 
@@ -491,16 +557,37 @@ def leads_show(
     lead = store.get_lead(email)
     touches = store.touches_for(lead.id)
     if as_json:
-        emit_json({**_lead_json(lead), "suppressed": store.is_suppressed(lead.email),
-                   "touches": [t.as_dict() for t in touches]})
+        emit_json(
+            {
+                **_lead_json(lead),
+                "suppressed": store.is_suppressed(lead.email),
+                "touches": [t.as_dict() for t in touches],
+            }
+        )
         return
-    address = ", ".join(x for x in (lead.address_line1, lead.address_line2, lead.city, lead.region,
-                                    lead.postal_code, lead.country) if x)
+    address = ", ".join(
+        x
+        for x in (
+            lead.address_line1,
+            lead.address_line2,
+            lead.city,
+            lead.region,
+            lead.postal_code,
+            lead.country,
+        )
+        if x
+    )
     rows = [
-        ("email", lead.email), ("name", lead.name), ("company", lead.company), ("phone", lead.phone),
-        ("address", address), ("time zone", lead.timezone or "(default)"), ("tier", lead.tier),
+        ("email", lead.email),
+        ("name", lead.name),
+        ("company", lead.company),
+        ("phone", lead.phone),
+        ("address", address),
+        ("time zone", lead.timezone or "(default)"),
+        ("tier", lead.tier),
         ("status", lead.status + (" (suppressed)" if store.is_suppressed(lead.email) else "")),
-        ("touches", str(lead.touch_count)), ("in tier since", fmt_time(lead.tier_since)),
+        ("touches", str(lead.touch_count)),
+        ("in tier since", fmt_time(lead.tier_since)),
         ("last touch", fmt_time(lead.last_touch_at)),
         ("next step", f"{lead.next_step} at {fmt_time(lead.next_due_at)}" if lead.next_step else "-"),
     ]
@@ -524,8 +611,9 @@ def _touch_line(t: TouchRecord) -> str:
     return f"#{t.id:<6} {when:<22} {t.channel:<7} {what:<24} {t.status:<9} {extra[:80]}"
 
 
-def _change(email: str, target: LeadStatus, *, expect: list[LeadStatus] | None = None,
-            reason: str | None = None) -> LeadRecord:
+def _change(
+    email: str, target: LeadStatus, *, expect: list[LeadStatus] | None = None, reason: str | None = None
+) -> LeadRecord:
     return STATE.store().set_status(email, target, now=utcnow(), reason=reason, expect=expect)
 
 
@@ -541,8 +629,9 @@ def leads_unsubscribe(email: str) -> None:
     """Unsubscribe a lead: suppressed for good, pending steps cancelled."""
     store = STATE.store()
     lead = store.get_lead(email)
-    store.suppress(lead.email, reason=SuppressionReason.UNSUBSCRIBED, detail="from the command line",
-                   now=utcnow())
+    store.suppress(
+        lead.email, reason=SuppressionReason.UNSUBSCRIBED, detail="from the command line", now=utcnow()
+    )
     out(f"{lead.email} unsubscribed; it will not be contacted again")
 
 
@@ -561,8 +650,9 @@ def leads_resume(email: str) -> None:
 
 
 @leads_app.command("flag")
-def leads_flag(email: str,
-               reason: Annotated[str, typer.Option(help="Why sales should call.")] = "flagged by hand") -> None:
+def leads_flag(
+    email: str, reason: Annotated[str, typer.Option(help="Why sales should call.")] = "flagged by hand"
+) -> None:
     """Flag a lead for personal sales follow-up; its automated drip stops."""
     lead = _change(email, LeadStatus.FLAGGED, expect=[LeadStatus.ACTIVE, LeadStatus.PAUSED], reason=reason)
     out(f"{lead.email} flagged for sales follow-up")
@@ -594,8 +684,10 @@ def touches_log(
     """Record a touch made by hand; it counts toward the follow-up threshold."""
     settings = STATE.settings()
     lead, after = STATE.store().log_manual_touch(
-        email, channel=channel.value, note=note, at=utcnow(), policy=Policy.from_settings(settings))
-    out(f"logged {channel.value} with {lead.email}: touch {after.touch_count} of {settings.followup.threshold}")
+        email, channel=channel.value, note=note, at=utcnow(), policy=Policy.from_settings(settings)
+    )
+    threshold = settings.followup.threshold
+    out(f"logged {channel.value} with {lead.email}: touch {after.touch_count} of {threshold}")
     if after.promoted:
         out(f"{lead.email} promoted from cold to warm")
     if after.flagged:
@@ -603,7 +695,9 @@ def touches_log(
 
 
 @touches_app.command("retry")
-def touches_retry(ids: Annotated[list[int], typer.Argument(help="Touch ids from 'campaignd status'.")]) -> None:
+def touches_retry(
+    ids: Annotated[list[int], typer.Argument(help="Touch ids from 'campaignd status'.")],
+) -> None:
     """Re-queue touches that are unknown or failed, after you have checked them."""
     done = STATE.store().retry_touches(ids, now=utcnow())
     got = {t.id for t in done}
@@ -611,8 +705,9 @@ def touches_retry(ids: Annotated[list[int], typer.Argument(help="Touch ids from 
         out(f"touch {t.id} ({t.tier}/{t.step}) re-queued")
     missing = [i for i in ids if i not in got]
     if missing:
-        raise CampaigndError(f"not re-queued (no such touch, or it is not unknown/failed): "
-                             f"{', '.join(map(str, missing))}")
+        raise CampaigndError(
+            f"not re-queued (no such touch, or it is not unknown/failed): {', '.join(map(str, missing))}"
+        )
 
 
 # -- suppression -----------------------------------------------------------------------------------
@@ -623,7 +718,9 @@ def suppression_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
     """Every suppressed address, with why and since when."""
     rows = STATE.store().suppressions()
     if as_json:
-        emit_json([{"email": r.email, "reason": r.reason, "detail": r.detail, "since": r.created_at} for r in rows])
+        emit_json(
+            [{"email": r.email, "reason": r.reason, "detail": r.detail, "since": r.created_at} for r in rows]
+        )
         return
     for r in rows:
         out(f"{r.email:<40} {r.reason:<13} {fmt_time(r.created_at):<22} {r.detail}")
@@ -631,8 +728,9 @@ def suppression_list(as_json: Annotated[bool, typer.Option("--json")] = False) -
 
 
 @suppression_app.command("add")
-def suppression_add(email: str,
-                    detail: Annotated[str, typer.Option("--reason", help="Why.")] = "added by hand") -> None:
+def suppression_add(
+    email: str, detail: Annotated[str, typer.Option("--reason", help="Why.")] = "added by hand"
+) -> None:
     """Block an address for good (whether or not it is a lead yet)."""
     added = STATE.store().suppress(email, reason=SuppressionReason.MANUAL, detail=detail, now=utcnow())
     out(f"{email.strip().lower()} {'suppressed' if added else 'was already suppressed'}")
@@ -641,8 +739,14 @@ def suppression_add(email: str,
 @suppression_app.command("remove")
 def suppression_remove(
     email: str,
-    reason: Annotated[str, typer.Option("--reason", prompt="Why may this address be contacted again?",
-                                        help="Why the address may be contacted again (logged).")],
+    reason: Annotated[
+        str,
+        typer.Option(
+            "--reason",
+            prompt="Why may this address be contacted again?",
+            help="Why the address may be contacted again (logged).",
+        ),
+    ],
 ) -> None:
     """Take an address off the suppression list (the lead stays stopped until resumed)."""
     if not reason.strip():

@@ -59,8 +59,11 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
 
 def prepare(settings: Settings, *, create_key: bool = True) -> tuple[Renderer, Signer]:
     """Validate templates against config; raises TemplateError with file and line."""
-    signer = Signer(keys=load_keys(settings, create=create_key), base_url=settings.unsubscribe.base_url,
-                    mailto=settings.unsubscribe.mailto)
+    signer = Signer(
+        keys=load_keys(settings, create=create_key),
+        base_url=settings.unsubscribe.base_url,
+        mailto=settings.unsubscribe.mailto,
+    )
     renderer = Renderer(settings=settings)
     renderer.check_or_raise(sample_links=signer.links(0, "jane.sample@example.com"))
     return renderer, signer
@@ -75,10 +78,16 @@ class Daemon:
     :param duration: stop by itself after this long (demos, scripts).
     """
 
-    def __init__(self, *, settings: Settings, reload: Callable[[], Settings],
-                 once: bool = False, duration: timedelta | None = None,
-                 channels: dict[str, Channel] | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        reload: Callable[[], Settings],
+        once: bool = False,
+        duration: timedelta | None = None,
+        channels: dict[str, Channel] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.settings = settings
         self.reload_settings = reload
         self.once = once
@@ -98,8 +107,9 @@ class Daemon:
     async def main(self) -> int:
         settings = self.settings
         renderer, signer = prepare(settings)
-        engine = database.create_engine(settings.database_url,
-                                        busy_timeout_s=settings.database.busy_timeout.total_seconds())
+        engine = database.create_engine(
+            settings.database_url, busy_timeout_s=settings.database.busy_timeout.total_seconds()
+        )
         with ExitStack() as stack:
             stack.callback(engine.dispose)
             await asyncio.to_thread(database.require_head, engine)
@@ -109,15 +119,25 @@ class Daemon:
             now = self.clock()
             orphans = await asyncio.to_thread(store.recover_in_flight, now=now, exclusive=exclusive)
             for touch in orphans:
-                logger.error("touch %d (%s/%s) was being sent when campaignd stopped: marked unknown; "
-                             "see 'campaignd status'", touch.id, touch.tier, touch.step)
+                logger.error(
+                    "touch %d (%s/%s) was being sent when campaignd stopped: marked unknown; "
+                    "see 'campaignd status'",
+                    touch.id,
+                    touch.tier,
+                    touch.step,
+                )
             replanned = await asyncio.to_thread(
-                store.replan_if_changed, Policy.from_settings(settings).fingerprint(), now=now)
+                store.replan_if_changed, Policy.from_settings(settings).fingerprint(), now=now
+            )
             if replanned:
                 logger.info("sequences changed: re-planning %d active leads", replanned)
             self.dispatcher = Dispatcher(
-                store=store, settings=settings, renderer=renderer, signer=signer,
-                channels=self._channels or build_channels(settings), worker=worker_name(),
+                store=store,
+                settings=settings,
+                renderer=renderer,
+                signer=signer,
+                channels=self._channels or build_channels(settings),
+                worker=worker_name(),
                 clock=self.clock,
             )
             self.store = store
@@ -135,17 +155,30 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         scheduler = AsyncIOScheduler(timezone=UTC)
         interval = self.settings.dispatch.interval.total_seconds()
-        scheduler.add_job(self.tick, "interval", seconds=max(interval, 1), id="dispatch",
-                          coalesce=True, max_instances=1, misfire_grace_time=max(int(interval), 1),
-                          next_run_time=datetime.now(UTC), replace_existing=True)
+        scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=max(interval, 1),
+            id="dispatch",
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=max(int(interval), 1),
+            next_run_time=datetime.now(UTC),
+            replace_existing=True,
+        )
         watchdog = watchdog_interval()
         if watchdog:
-            scheduler.add_job(self._watchdog, "interval", seconds=watchdog, id="watchdog",
-                              coalesce=True, max_instances=1)
+            scheduler.add_job(
+                self._watchdog, "interval", seconds=watchdog, id="watchdog", coalesce=True, max_instances=1
+            )
         scheduler.start()
         self._last_progress = time.monotonic()
-        logger.info("campaignd started: %s, dispatch every %ss, email via %s",
-                    self._describe_db(), int(interval), self.dispatcher.channels["email"].name)
+        logger.info(
+            "campaignd started: %s, dispatch every %ss, email via %s",
+            self._describe_db(),
+            int(interval),
+            self.dispatcher.channels["email"].name,
+        )
         self.notifier.ready("started")
         try:
             if self.duration is not None:
@@ -163,8 +196,11 @@ class Daemon:
             try:
                 await asyncio.wait_for(self.ticking.acquire(), bound)
             except TimeoutError:
-                logger.error("the dispatch pass did not finish within %ss; stopping anyway "
-                             "(messages on the wire will show as unknown)", bound)
+                logger.error(
+                    "the dispatch pass did not finish within %ss; stopping anyway "
+                    "(messages on the wire will show as unknown)",
+                    bound,
+                )
             scheduler.shutdown(wait=False)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -199,8 +235,9 @@ class Daemon:
         async with self.ticking:
             self.settings = settings
             self.dispatcher.reconfigure(settings=settings, renderer=renderer, signer=signer)
-            n = await asyncio.to_thread(self.store.replan_if_changed,
-                                        Policy.from_settings(settings).fingerprint(), now=self.clock())
+            n = await asyncio.to_thread(
+                self.store.replan_if_changed, Policy.from_settings(settings).fingerprint(), now=self.clock()
+            )
         logger.info("reloaded%s", f"; re-planning {n} active leads" if n else "")
         self.notifier.ready("reloaded")
         return True
@@ -216,8 +253,11 @@ class Daemon:
                 try:
                     report = await self.dispatcher.run_pass(now)
                 except Exception as exc:
-                    logger.error("dispatch pass failed, will retry on the next tick: %s", exc,
-                                 exc_info=logger.isEnabledFor(logging.DEBUG))
+                    logger.error(
+                        "dispatch pass failed, will retry on the next tick: %s",
+                        exc,
+                        exc_info=logger.isEnabledFor(logging.DEBUG),
+                    )
                     self.notifier.status(f"dispatch failing: {str(exc)[:120]}")
                     return
                 self._account(report)
@@ -229,8 +269,18 @@ class Daemon:
         self.last = report
         self._last_progress = time.monotonic()
         t = self.totals
-        for name in ("claimed", "sent", "retried", "failed", "bounced", "unknown", "skipped",
-                     "released", "promoted", "flagged"):
+        for name in (
+            "claimed",
+            "sent",
+            "retried",
+            "failed",
+            "bounced",
+            "unknown",
+            "skipped",
+            "released",
+            "promoted",
+            "flagged",
+        ):
             setattr(t, name, getattr(t, name) + getattr(report, name))
         if report.claimed:
             logger.info("pass: %s", report.summary())
@@ -246,4 +296,3 @@ class Daemon:
         stall = max(interval * 3, (watchdog_interval() or 0) * 2)
         if not self.ticking.locked() or time.monotonic() - self._last_progress < stall:
             self.notifier.watchdog()
-

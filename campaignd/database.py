@@ -77,9 +77,7 @@ def create_engine(url: str, *, busy_timeout_s: float = 10.0, pool_size: int = 5)
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     try:
-        return sa.create_engine(
-            parsed, pool_size=pool_size, pool_pre_ping=True, pool_recycle=1800
-        )
+        return sa.create_engine(parsed, pool_size=pool_size, pool_pre_ping=True, pool_recycle=1800)
     except ModuleNotFoundError as exc:
         raise DatabaseError(
             f"the database driver is not installed ({exc.name}); for PostgreSQL install "

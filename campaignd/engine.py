@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 from campaignd.channels import Channel, Outgoing
 from campaignd.config import Channel as ChannelKind
-from campaignd.config import Settings, Step
+from campaignd.config import Settings
 from campaignd.message import build_email, message_id
 from campaignd.render import Renderer, RenderError, lead_context
 from campaignd.sequences import Policy
@@ -54,8 +54,14 @@ class GroupCommit(Generic[T, R]):
         restarting) before giving the error to the waiters.
     """
 
-    def __init__(self, commit: Callable[[list[T]], list[R]], *, name: str,
-                 retry_for: float = 0.0, stopping: asyncio.Event | None = None) -> None:
+    def __init__(
+        self,
+        commit: Callable[[list[T]], list[R]],
+        *,
+        name: str,
+        retry_for: float = 0.0,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
         self._commit = commit
         self._name = name
         self._retry_for = retry_for
@@ -76,7 +82,7 @@ class GroupCommit(Generic[T, R]):
             items = [item for item, _ in batch]
             try:
                 answers = await self._with_retry(items)
-            except Exception as exc:  # noqa: BLE001 - handed to every waiter
+            except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -118,8 +124,14 @@ class PassReport:
     events: list[Recorded] = field(default_factory=list)
 
     def add(self, rec: Recorded) -> None:
-        counter = {"sent": "sent", "retry": "retried", "failed": "failed", "bounced": "bounced",
-                   "unknown": "unknown", "skipped": "skipped"}.get(rec.status)
+        counter = {
+            "sent": "sent",
+            "retry": "retried",
+            "failed": "failed",
+            "bounced": "bounced",
+            "unknown": "unknown",
+            "skipped": "skipped",
+        }.get(rec.status)
         if counter:
             setattr(self, counter, getattr(self, counter) + 1)
         self.promoted += rec.promoted
@@ -145,9 +157,17 @@ class Dispatcher:
     :param clock: the wall clock used to time-stamp what actually happened.
     """
 
-    def __init__(self, *, store: Store, settings: Settings, renderer: Renderer, signer: Signer,
-                 channels: Mapping[str, Channel], worker: str,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        settings: Settings,
+        renderer: Renderer,
+        signer: Signer,
+        channels: Mapping[str, Channel],
+        worker: str,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.store = store
         self.worker = worker
         self.channels = dict(channels)
@@ -182,10 +202,13 @@ class Dispatcher:
             report.seconds = time.monotonic() - started
             return report
 
-        marker: GroupCommit[int, bool] = GroupCommit(self._mark, name="marking messages as sending",
-                                                     retry_for=5.0)
+        marker: GroupCommit[int, bool] = GroupCommit(
+            self._mark, name="marking messages as sending", retry_for=5.0
+        )
         recorder: GroupCommit[Result, Recorded | None] = GroupCommit(
-            self._record, name="recording results", retry_for=dispatch.stop_timeout.total_seconds() * 15,
+            self._record,
+            name="recording results",
+            retry_for=dispatch.stop_timeout.total_seconds() * 15,
         )
         queues: dict[str, asyncio.Queue[Claim]] = {}
         for claim in claimed.claims:
@@ -207,7 +230,7 @@ class Dispatcher:
             for channel in opened:
                 try:
                     await channel.close()
-                except Exception as exc:  # noqa: BLE001 - closing must not hide the pass's result
+                except Exception as exc:
                     logger.warning("closing channel %s failed: %s", channel.name, _short(exc))
             leftover = [claim.touch_id for q in queues.values() for claim in _drain(q)]
             if leftover:
@@ -217,9 +240,14 @@ class Dispatcher:
         report.seconds = time.monotonic() - started
         return report
 
-    async def _work(self, channel: Channel, queue: asyncio.Queue[Claim],
-                    marker: GroupCommit[int, bool], recorder: GroupCommit[Result, Recorded | None],
-                    report: PassReport) -> None:
+    async def _work(
+        self,
+        channel: Channel,
+        queue: asyncio.Queue[Claim],
+        marker: GroupCommit[int, bool],
+        recorder: GroupCommit[Result, Recorded | None],
+        report: PassReport,
+    ) -> None:
         while not self.stopping.is_set():
             try:
                 claim = queue.get_nowait()
@@ -233,8 +261,9 @@ class Dispatcher:
                 continue
             except _StepGone:
                 # The step left the configuration since the claim: give the work back.
-                await asyncio.to_thread(self.store.release, [claim.touch_id], worker=self.worker,
-                                        now=self.clock())
+                await asyncio.to_thread(
+                    self.store.release, [claim.touch_id], worker=self.worker, now=self.clock()
+                )
                 continue
             if not await marker.submit(claim.touch_id):
                 logger.warning("touch %s is no longer ours (lease taken over); not sending", claim.touch_id)
@@ -243,8 +272,9 @@ class Dispatcher:
             result = Result(claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id)
             await self._finish(recorder, report, result)
 
-    async def _finish(self, recorder: GroupCommit[Result, Recorded | None], report: PassReport,
-                      result: Result) -> None:
+    async def _finish(
+        self, recorder: GroupCommit[Result, Recorded | None], report: PassReport, result: Result
+    ) -> None:
         rec = await recorder.submit(result)
         if rec is not None:
             report.add(rec)
@@ -257,29 +287,55 @@ class Dispatcher:
         index, step = found
         lead = claim.lead
         links = self.signer.links(lead.id, lead.email)
-        rendered = self.renderer.render(lead=lead_context(lead), tier=claim.tier, step=step,
-                                        index=index, links=links)
+        rendered = self.renderer.render(
+            lead=lead_context(lead), tier=claim.tier, step=step, index=index, links=links
+        )
         msg_id = message_id(touch_id=claim.touch_id, lead_id=lead.id, sender=self.settings.sender)
         if step.channel == ChannelKind.MAIL:
-            return Outgoing(claim.touch_id, self.settings.sender.from_address, lead.email,
-                            rendered.html.encode(), msg_id, kind="mail",
-                            filename_hint=_slug(f"{claim.tier}-{step.id}-{lead.email}"))
-        data = build_email(rendered, sender=self.settings.sender, to_name=f"{lead.first_name} {lead.last_name}",
-                           to_address=lead.email, msg_id=msg_id, date=self.clock(), links=links,
-                           step_label=f"{claim.tier}/{step.id}")
-        return Outgoing(claim.touch_id, self.settings.sender.from_address, lead.email, data, msg_id,
-                        filename_hint=_slug(f"{claim.tier}-{step.id}"))
+            return Outgoing(
+                claim.touch_id,
+                self.settings.sender.from_address,
+                lead.email,
+                rendered.html.encode(),
+                msg_id,
+                kind="mail",
+                filename_hint=_slug(f"{claim.tier}-{step.id}-{lead.email}"),
+            )
+        data = build_email(
+            rendered,
+            sender=self.settings.sender,
+            to_name=f"{lead.first_name} {lead.last_name}",
+            to_address=lead.email,
+            msg_id=msg_id,
+            date=self.clock(),
+            links=links,
+            step_label=f"{claim.tier}/{step.id}",
+        )
+        return Outgoing(
+            claim.touch_id,
+            self.settings.sender.from_address,
+            lead.email,
+            data,
+            msg_id,
+            filename_hint=_slug(f"{claim.tier}-{step.id}"),
+        )
 
     def _mark(self, touch_ids: list[int]) -> list[bool]:
-        marked = self.store.mark_sending(touch_ids, worker=self.worker, now=self.clock(),
-                                         lease=self.settings.dispatch.lease)
+        marked = self.store.mark_sending(
+            touch_ids, worker=self.worker, now=self.clock(), lease=self.settings.dispatch.lease
+        )
         return [t in marked for t in touch_ids]
 
     def _record(self, results: list[Result]) -> list[Recorded | None]:
         d = self.settings.dispatch
-        recorded = self.store.record(results, policy=self.policy, now=self.clock(),
-                                     max_attempts=d.max_attempts, backoff=d.retry_backoff,
-                                     backoff_max=d.retry_backoff_max)
+        recorded = self.store.record(
+            results,
+            policy=self.policy,
+            now=self.clock(),
+            max_attempts=d.max_attempts,
+            backoff=d.retry_backoff,
+            backoff_max=d.retry_backoff_max,
+        )
         by_id = {r.touch_id: r for r in recorded}
         return [by_id.get(r.touch_id) for r in results]
 

@@ -34,14 +34,15 @@ def log_config(level: str, *, journal: bool) -> dict[str, Any]:
     if journal:
         formatter = {"()": JournalFormatter, "format": "%(name)s: %(message)s"}
     else:
-        formatter = {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                     "datefmt": "%Y-%m-%d %H:%M:%S"}
+        formatter = {
+            "format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+            "datefmt": "%Y-%m-%d %H:%M:%S",
+        }
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"main": formatter},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": sys.stderr,
-                                "formatter": "main"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": sys.stderr, "formatter": "main"}},
         "root": {"level": "WARNING", "handlers": ["stderr"]},
         "loggers": {
             "campaignd": {"level": level, "propagate": True},

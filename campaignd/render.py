@@ -70,10 +70,23 @@ SAMPLE_LEAD: dict[str, Any] = {
 
 def lead_context(lead: Any) -> dict[str, Any]:
     """The ``lead`` a template sees: contact fields, ``name`` and ``custom`` fields."""
-    fields = (
-        "id email first_name last_name company phone address_line1 address_line2 city region "
-        "postal_code country timezone tier touch_count"
-    ).split()
+    fields = [
+        "id",
+        "email",
+        "first_name",
+        "last_name",
+        "company",
+        "phone",
+        "address_line1",
+        "address_line2",
+        "city",
+        "region",
+        "postal_code",
+        "country",
+        "timezone",
+        "tier",
+        "touch_count",
+    ]
     ctx = {f: getattr(lead, f) for f in fields}
     ctx["name"] = f"{lead.first_name} {lead.last_name}".strip()
     ctx["custom"] = dict(lead.custom or {})
@@ -117,8 +130,9 @@ class Renderer:
     def parts_for(self, step: Step) -> tuple[str, ...]:
         return MAIL_PARTS if step.channel == Channel.MAIL else EMAIL_PARTS
 
-    def context(self, *, lead: Mapping[str, Any], tier: str, step: Step, index: int,
-                links: Links) -> dict[str, Any]:
+    def context(
+        self, *, lead: Mapping[str, Any], tier: str, step: Step, index: int, links: Links
+    ) -> dict[str, Any]:
         return {
             "lead": lead,
             "sender": self._sender,
@@ -144,10 +158,12 @@ class Renderer:
         try:
             return self.template(name).render(ctx)
         except jinja2.TemplateNotFound as exc:
-            raise RenderError(Problem(str(self.root / name), "", f"template not found ({exc.name})")) from None
+            raise RenderError(
+                Problem(str(self.root / name), "", f"template not found ({exc.name})")
+            ) from None
         except jinja2.TemplateSyntaxError as exc:
             raise RenderError(_syntax_problem(self.root, exc)) from None
-        except Exception as exc:  # noqa: BLE001 - a template error of any kind is reported, never raised
+        except Exception as exc:
             raise RenderError(_runtime_problem(self.root, name, exc)) from None
 
     # -- checking ---------------------------------------------------------------------------
@@ -165,14 +181,18 @@ class Renderer:
                 problems += self._check_step(tier, step, index, sample_links, leads)
         return _dedupe(problems)
 
-    def _check_step(self, tier: Tier, step: Step, index: int, links: Links,
-                    leads: Iterable[Mapping[str, Any]]) -> list[Problem]:
+    def _check_step(
+        self, tier: Tier, step: Step, index: int, links: Links, leads: Iterable[Mapping[str, Any]]
+    ) -> list[Problem]:
         problems: list[Problem] = []
         for part in self.parts_for(step):
             name = f"{step.template}.{part}.j2"
             if not (self.root / name).is_file():
-                problems.append(Problem(str(self.root / name), "",
-                                        f"missing: step {tier.value}/{step.id} needs this file"))
+                problems.append(
+                    Problem(
+                        str(self.root / name), "", f"missing: step {tier.value}/{step.id} needs this file"
+                    )
+                )
                 continue
             try:
                 self.template(name)
@@ -186,8 +206,7 @@ class Renderer:
                 rendered = self.render(lead=lead, tier=tier.value, step=step, index=index, links=links)
             except RenderError as exc:
                 who = "" if lead is sample else f" (lead {lead.get('email')})"
-                problems.append(Problem(exc.problem.source, exc.problem.where,
-                                        exc.problem.reason + who))
+                problems.append(Problem(exc.problem.source, exc.problem.where, exc.problem.reason + who))
                 continue
             if step.channel == Channel.EMAIL:
                 problems += self._compliance(tier, step, rendered, links)
@@ -199,14 +218,31 @@ class Renderer:
         for part, body in (("html", rendered.html), ("txt", rendered.text)):
             source = str(self.root / f"{step.template}.{part}.j2")
             if links.url not in body:
-                out.append(Problem(source, "", "no unsubscribe link: include {{ unsubscribe_url }} "
-                                   "(the base layout does this for you)"))
+                out.append(
+                    Problem(
+                        source,
+                        "",
+                        "no unsubscribe link: include {{ unsubscribe_url }} "
+                        "(the base layout does this for you)",
+                    )
+                )
             if not postal:
-                out.append(Problem("config", "sender.postal_address",
-                                   "the business's postal address is required in every marketing email"))
+                out.append(
+                    Problem(
+                        "config",
+                        "sender.postal_address",
+                        "the business's postal address is required in every marketing email",
+                    )
+                )
             elif _squash(postal) not in _squash(_unescape(body)):
-                out.append(Problem(source, "", "the sender's postal address is missing: include "
-                                   "{{ postal_address }} (the base layout does this for you)"))
+                out.append(
+                    Problem(
+                        source,
+                        "",
+                        "the sender's postal address is missing: include "
+                        "{{ postal_address }} (the base layout does this for you)",
+                    )
+                )
         if not rendered.subject:
             out.append(Problem(str(self.root / f"{step.template}.subject.j2"), "", "the subject is empty"))
         return out

@@ -245,9 +245,7 @@ class Store:
         self, conn: Connection, rows: list[LeadInput], tier: str, now: datetime, counts: UpsertCounts
     ) -> None:
         emails = [r.email for r in rows]
-        cols = [leads_t.c.id, leads_t.c.email, leads_t.c.custom] + [
-            leads_t.c[f] for f in CONTACT_FIELDS
-        ]
+        cols = [leads_t.c.id, leads_t.c.email, leads_t.c.custom] + [leads_t.c[f] for f in CONTACT_FIELDS]
         existing = {r.email: r for r in conn.execute(sa.select(*cols).where(leads_t.c.email.in_(emails)))}
         suppressed = dict(
             conn.execute(
@@ -391,11 +389,15 @@ class Store:
             .order_by(touches_t.c.id)
         ):
             touches.setdefault(t.lead_id, []).append(
-                core.TouchView(t.tier, t.step, t.status, t.sent_at or t.created_at, t.lease_until, t.next_attempt_at)
+                core.TouchView(
+                    t.tier, t.step, t.status, t.sent_at or t.created_at, t.lease_until, t.next_attempt_at
+                )
             )
         emails = [r.email for r in rows]
         suppressed = set(
-            conn.execute(sa.select(suppressions_t.c.email).where(suppressions_t.c.email.in_(emails))).scalars()
+            conn.execute(
+                sa.select(suppressions_t.c.email).where(suppressions_t.c.email.in_(emails))
+            ).scalars()
         )
         return {
             r.id: core.LeadState(
@@ -440,7 +442,9 @@ class Store:
         lead = self.get_lead(email)
         if expect is not None and lead.status not in {s.value for s in expect}:
             allowed = ", ".join(s.value for s in expect)
-            raise CampaigndError(f"{lead.email} is {lead.status}; this applies only to leads that are {allowed}")
+            raise CampaigndError(
+                f"{lead.email} is {lead.status}; this applies only to leads that are {allowed}"
+            )
         values: dict[str, Any] = {"status": status.value, "updated_at": now}
         if status == LeadStatus.FLAGGED:
             values |= {"flagged_at": now, "flag_reason": reason or "flagged by hand"}
@@ -513,7 +517,10 @@ class Store:
     def _lock_leads(self, conn: Connection, lead_ids: list[int]) -> None:
         if self.is_postgres and lead_ids:
             conn.execute(
-                sa.select(leads_t.c.id).where(leads_t.c.id.in_(lead_ids)).order_by(leads_t.c.id).with_for_update()
+                sa.select(leads_t.c.id)
+                .where(leads_t.c.id.in_(lead_ids))
+                .order_by(leads_t.c.id)
+                .with_for_update()
             ).all()
 
     # -- suppression --------------------------------------------------------------------------
@@ -525,7 +532,9 @@ class Store:
             added = self._suppress(conn, email, reason, detail, now)
             lead_id = conn.execute(sa.select(leads_t.c.id).where(leads_t.c.email == email)).scalar()
             if lead_id is not None:
-                status = LeadStatus.BOUNCED if reason == SuppressionReason.BOUNCED else LeadStatus.UNSUBSCRIBED
+                status = (
+                    LeadStatus.BOUNCED if reason == SuppressionReason.BOUNCED else LeadStatus.UNSUBSCRIBED
+                )
                 conn.execute(
                     sa.update(leads_t)
                     .where(leads_t.c.id == lead_id, leads_t.c.status.notin_([LeadStatus.CONVERTED.value]))
@@ -534,7 +543,9 @@ class Store:
                 self._cancel_pending(conn, [lead_id], now, f"address {reason.value}")
         return added
 
-    def _suppress(self, conn: Connection, email: str, reason: SuppressionReason, detail: str, now: datetime) -> bool:
+    def _suppress(
+        self, conn: Connection, email: str, reason: SuppressionReason, detail: str, now: datetime
+    ) -> bool:
         stmt = (
             self._insert(suppressions_t)
             .values(email=email, reason=reason.value, detail=detail, created_at=now)
@@ -619,9 +630,7 @@ class Store:
                 )
         return rows
 
-    def claim(
-        self, *, policy: core.Policy, now: datetime, limit: int, worker: str
-    ) -> ClaimPass:
+    def claim(self, *, policy: core.Policy, now: datetime, limit: int, worker: str) -> ClaimPass:
         """Claim up to ``limit`` due steps for ``worker`` under a lease.
 
         Leads that turn out not to be due (not yet, window shut, sequence finished) are
@@ -711,7 +720,9 @@ class Store:
                 )
         return ClaimPass(claims, len(leads) - len(claims))
 
-    def mark_sending(self, touch_ids: Sequence[int], *, worker: str, now: datetime, lease: timedelta) -> set[int]:
+    def mark_sending(
+        self, touch_ids: Sequence[int], *, worker: str, now: datetime, lease: timedelta
+    ) -> set[int]:
         """Commit that these touches are about to leave. Only what this returns may be sent."""
         if not touch_ids:
             return set()
@@ -738,16 +749,20 @@ class Store:
         if not touch_ids:
             return 0
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                sa.update(touches_t)
-                .where(
-                    touches_t.c.id.in_(touch_ids),
-                    touches_t.c.status == TouchStatus.CLAIMED.value,
-                    touches_t.c.claimed_by == worker,
+            rows = (
+                conn.execute(
+                    sa.update(touches_t)
+                    .where(
+                        touches_t.c.id.in_(touch_ids),
+                        touches_t.c.status == TouchStatus.CLAIMED.value,
+                        touches_t.c.claimed_by == worker,
+                    )
+                    .values(lease_until=now, updated_at=now)
+                    .returning(touches_t.c.lead_id)
                 )
-                .values(lease_until=now, updated_at=now)
-                .returning(touches_t.c.lead_id)
-            ).scalars().all()
+                .scalars()
+                .all()
+            )
             if rows:
                 conn.execute(sa.update(leads_t).where(leads_t.c.id.in_(rows)).values(next_due_at=now))
             return len(rows)
@@ -769,8 +784,7 @@ class Store:
         out: list[Recorded] = []
         with self.engine.begin() as conn:
             touch_rows = {
-                t.id: t
-                for t in conn.execute(sa.select(touches_t).where(touches_t.c.id.in_(list(by_id))))
+                t.id: t for t in conn.execute(sa.select(touches_t).where(touches_t.c.id.in_(list(by_id))))
             }
             lead_ids = sorted({t.lead_id for t in touch_rows.values()})
             self._lock_leads(conn, lead_ids)
@@ -787,28 +801,46 @@ class Store:
                 if result.outcome in ("rejected", "skipped"):
                     allowed.add(TouchStatus.CLAIMED.value)
                 if t is None or t.status not in allowed:
-                    logger.warning("touch %s is %s, not sending; result %s ignored", touch_id,
-                                   t.status if t else "missing", result.outcome)
+                    logger.warning(
+                        "touch %s is %s, not sending; result %s ignored",
+                        touch_id,
+                        t.status if t else "missing",
+                        result.outcome,
+                    )
                     continue
                 state = states[t.lead_id]
                 others = tuple(v for v in state.touches if not (v.tier == t.tier and v.step == t.step))
                 base = core.LeadState(
-                    tier=state.tier, status=state.status, touch_count=state.touch_count,
-                    tier_since=state.tier_since, last_touch_at=state.last_touch_at,
-                    timezone=state.timezone, suppressed=state.suppressed, touches=others,
+                    tier=state.tier,
+                    status=state.status,
+                    touch_count=state.touch_count,
+                    tier_since=state.tier_since,
+                    last_touch_at=state.last_touch_at,
+                    timezone=state.timezone,
+                    suppressed=state.suppressed,
+                    touches=others,
                 )
                 email = emails[t.lead_id]
-                upd: dict[str, Any] = {"b_id": t.id, "lease_until": None, "updated_at": now,
-                                       "error": result.detail or None, "next_attempt_at": None,
-                                       "message_id": result.message_id or t.message_id, "sent_at": None}
+                upd: dict[str, Any] = {
+                    "b_id": t.id,
+                    "lease_until": None,
+                    "updated_at": now,
+                    "error": result.detail or None,
+                    "next_attempt_at": None,
+                    "message_id": result.message_id or t.message_id,
+                    "sent_at": None,
+                }
                 if result.outcome == "sent":
                     after = core.apply_touch(base, policy, at=now, tier=t.tier, step=t.step)
                     new_state = core.with_touch(base, after, core.TouchView(t.tier, t.step, "sent", now))
                     nxt = core.next_touch(new_state, policy)
                     upd |= {"status": TouchStatus.SENT.value, "sent_at": now, "error": None}
                     lead_upd = {
-                        "b_id": t.lead_id, "touch_count": after.touch_count, "tier": after.tier,
-                        "tier_since": after.tier_since, "status": after.status,
+                        "b_id": t.lead_id,
+                        "touch_count": after.touch_count,
+                        "tier": after.tier,
+                        "tier_since": after.tier_since,
+                        "status": after.status,
                         "last_touch_at": after.last_touch_at,
                         "flagged_at": after.flagged_at if after.flagged else None,
                         "flag_reason": after.flag_reason if after.flagged else None,
@@ -821,35 +853,67 @@ class Store:
                         lead_upd.pop("flag_reason")
                     lead_updates.append(lead_upd)
                     states[t.lead_id] = new_state
-                    out.append(Recorded(t.id, email, t.tier, t.step, "sent", after.touch_count,
-                                        after.promoted, after.flagged))
+                    out.append(
+                        Recorded(
+                            t.id,
+                            email,
+                            t.tier,
+                            t.step,
+                            "sent",
+                            after.touch_count,
+                            after.promoted,
+                            after.flagged,
+                        )
+                    )
                 elif result.outcome == "temporary" and t.attempts < max_attempts:
                     delay = min(backoff * (2 ** max(t.attempts - 1, 0)), backoff_max)
                     retry_at = now + delay
                     upd |= {"status": TouchStatus.RETRY.value, "next_attempt_at": retry_at}
-                    lead_updates.append({"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at,
-                                         "updated_at": now})
-                    out.append(Recorded(t.id, email, t.tier, t.step, "retry", retry_at=retry_at,
-                                        detail=result.detail))
+                    lead_updates.append(
+                        {"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at, "updated_at": now}
+                    )
+                    out.append(
+                        Recorded(
+                            t.id, email, t.tier, t.step, "retry", retry_at=retry_at, detail=result.detail
+                        )
+                    )
                 elif result.outcome == "permanent":
                     upd |= {"status": TouchStatus.FAILED.value}
                     self._suppress(conn, email, SuppressionReason.BOUNCED, result.detail, now)
-                    lead_updates.append({"b_id": t.lead_id, "status": LeadStatus.BOUNCED.value,
-                                         "next_step": None, "next_due_at": None, "updated_at": now})
+                    lead_updates.append(
+                        {
+                            "b_id": t.lead_id,
+                            "status": LeadStatus.BOUNCED.value,
+                            "next_step": None,
+                            "next_due_at": None,
+                            "updated_at": now,
+                        }
+                    )
                     out.append(Recorded(t.id, email, t.tier, t.step, "bounced", detail=result.detail))
                 elif result.outcome == "skipped":
                     upd |= {"status": "skipped"}
-                    new_state = core.LeadState(**{**_state_dict(base), "touches": (
-                        *base.touches, core.TouchView(t.tier, t.step, "skipped", now))})
+                    new_state = core.LeadState(
+                        **{
+                            **_state_dict(base),
+                            "touches": (*base.touches, core.TouchView(t.tier, t.step, "skipped", now)),
+                        }
+                    )
                     nxt = core.next_touch(new_state, policy)
-                    lead_updates.append({"b_id": t.lead_id, "next_step": nxt.step.id if nxt else None,
-                                         "next_due_at": nxt.due_at if nxt else None, "updated_at": now})
+                    lead_updates.append(
+                        {
+                            "b_id": t.lead_id,
+                            "next_step": nxt.step.id if nxt else None,
+                            "next_due_at": nxt.due_at if nxt else None,
+                            "updated_at": now,
+                        }
+                    )
                     out.append(Recorded(t.id, email, t.tier, t.step, "skipped", detail=result.detail))
                 else:
                     status = TouchStatus.UNKNOWN if result.outcome == "unknown" else TouchStatus.FAILED
                     upd |= {"status": status.value}
-                    lead_updates.append({"b_id": t.lead_id, "next_step": None, "next_due_at": None,
-                                         "updated_at": now})
+                    lead_updates.append(
+                        {"b_id": t.lead_id, "next_step": None, "next_due_at": None, "updated_at": now}
+                    )
                     out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
                 touch_updates.append(upd)
             _executemany_update(conn, touches_t, touch_updates)
@@ -916,11 +980,12 @@ class Store:
                     touches_t.c.status == TouchStatus.SENT.value, touches_t.c.sent_at >= since
                 )
             ).scalar_one()
-            touch_status = dict(
-                conn.execute(
+            touch_status: dict[str, int] = {
+                r[0]: int(r[1])
+                for r in conn.execute(
                     sa.select(touches_t.c.status, sa.func.count()).group_by(touches_t.c.status)
-                ).all()
-            )
+                )
+            }
 
             def attention(status: TouchStatus) -> list[tuple[TouchRecord, str]]:
                 rows = conn.execute(
@@ -961,7 +1026,9 @@ def _executemany_update(conn: Connection, table: sa.Table, params: list[dict[str
         groups.setdefault(tuple(sorted(k for k in p if k != "b_id")), []).append(p)
     for keys, rows in groups.items():
         conn.execute(
-            sa.update(table).where(table.c.id == sa.bindparam("b_id")).values({k: sa.bindparam(k) for k in keys}),
+            sa.update(table)
+            .where(table.c.id == sa.bindparam("b_id"))
+            .values({k: sa.bindparam(k) for k in keys}),
             rows,
         )
 

@@ -43,7 +43,7 @@ class Notifier:
             logger.debug("sd_notify failed: %s", exc)
 
     def ready(self, status: str = "") -> None:
-        self.send("READY=1", *( [f"STATUS={status}"] if status else []))
+        self.send("READY=1", *([f"STATUS={status}"] if status else []))
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")

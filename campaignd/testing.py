@@ -16,8 +16,7 @@ class MemoryChannel:
 
     name = "memory"
 
-    def __init__(self, *, concurrency: int = 2,
-                 answer: Callable[[Outgoing], Outcome] | None = None) -> None:
+    def __init__(self, *, concurrency: int = 2, answer: Callable[[Outgoing], Outcome] | None = None) -> None:
         self.concurrency = concurrency
         self.answer = answer
         self.outbox: list[Outgoing] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-import campaignd.models  # noqa: F401  (registers every table on the metadata)
+import campaignd.models
 
 config = context.config
 engine = config.attributes.get("engine")

@@ -16,16 +16,22 @@ from tests.factories import REPO, write_config
 EXAMPLE_LEADS = REPO / "examples" / "leads.csv"
 
 
-def campaignd(*args: str, config: Path | None = None, env: dict[str, str] | None = None,
-              input: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def campaignd(
+    *args: str,
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPAIGND_")}
     full_env.update(env or {})
     full_env.pop("JOURNAL_STREAM", None)
     cmd = [sys.executable, "-m", "campaignd"]
     if config is not None:
         cmd += ["--config", str(config)]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=full_env, input=input,
-                          cwd=cwd, timeout=120)
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, env=full_env, input=input, cwd=cwd, timeout=120
+    )
 
 
 @pytest.fixture
@@ -44,7 +50,9 @@ def test_config_check_accepts_the_shipped_configs() -> None:
 
 def test_config_errors_name_file_key_and_reason_without_traceback(tmp_path: Path) -> None:
     path = write_config(tmp_path, extra='[smtp]\nhots = "x"\n')
-    text = path.read_text().replace('delay = "1h"', 'delay = "1 hour"').replace("threshold = 5", "threshold = 0")
+    text = (
+        path.read_text().replace('delay = "1h"', 'delay = "1 hour"').replace("threshold = 5", "threshold = 0")
+    )
     path.write_text(text)
     result = campaignd("config", "check", config=path)
     assert result.returncode == 2
@@ -71,8 +79,10 @@ def test_secret_in_the_toml_is_refused(tmp_path: Path) -> None:
 
 def test_config_show_redacts_secrets(tmp_path: Path) -> None:
     path = write_config(tmp_path)
-    env = {"CAMPAIGND_SMTP__PASSWORD": "hunter2",
-           "CAMPAIGND_DATABASE__URL": "postgresql+psycopg://app:s3cret@db.internal/campaignd"}
+    env = {
+        "CAMPAIGND_SMTP__PASSWORD": "hunter2",
+        "CAMPAIGND_DATABASE__URL": "postgresql+psycopg://app:s3cret@db.internal/campaignd",
+    }
     result = campaignd("config", "show", config=path, env=env)
     assert result.returncode == 0, result.stderr
     assert "hunter2" not in result.stdout and "s3cret" not in result.stdout
@@ -109,8 +119,10 @@ def test_lead_commands(config: Path) -> None:
     listing = json.loads(campaignd("leads", "list", "--json", config=config).stdout)
     assert len(listing) == 7
     warm = json.loads(campaignd("leads", "list", "--tier", "warm", "--json", config=config).stdout)
-    assert {lead["email"] for lead in warm} == {"daniel.wu@wu-accounting.example",
-                                                 "emma.schulz@schulz-architects.example"}
+    assert {lead["email"] for lead in warm} == {
+        "daniel.wu@wu-accounting.example",
+        "emma.schulz@schulz-architects.example",
+    }
     email = "maria.gonzalez@lakeview-dental.example"
 
     assert campaignd("leads", "set-tier", email, "warm", config=config).returncode == 0
@@ -118,8 +130,9 @@ def test_lead_commands(config: Path) -> None:
     refused = campaignd("leads", "pause", email, config=config)
     assert refused.returncode == 1 and "is paused" in refused.stderr
     assert campaignd("leads", "resume", email, config=config).returncode == 0
-    logged = campaignd("touches", "log", email, "--channel", "call", "--note", "asked for a quote",
-                       config=config)
+    logged = campaignd(
+        "touches", "log", email, "--channel", "call", "--note", "asked for a quote", config=config
+    )
     assert logged.returncode == 0 and "touch 1 of 5" in logged.stdout
     assert campaignd("leads", "flag", email, "--reason", "wants a proposal", config=config).returncode == 0
     shown = json.loads(campaignd("leads", "show", email, "--json", config=config).stdout)
@@ -143,8 +156,13 @@ def test_lead_commands(config: Path) -> None:
 def test_suppression_add_and_remove_with_a_reason(config: Path) -> None:
     assert campaignd("suppression", "add", "Block@Example.com", config=config).returncode == 0
     assert "block@example.com" in campaignd("suppression", "list", config=config).stdout
-    removed = campaignd("suppression", "remove", "block@example.com", config=config,
-                        input="customer asked to hear from us again\n")
+    removed = campaignd(
+        "suppression",
+        "remove",
+        "block@example.com",
+        config=config,
+        input="customer asked to hear from us again\n",
+    )
     assert removed.returncode == 0, removed.stderr
     assert "removed from the suppression list" in removed.stdout
     assert "customer asked to hear from us again" in removed.stderr  # logged
@@ -176,8 +194,13 @@ def test_a_second_daemon_on_the_same_sqlite_file_refuses_to_start(tmp_path: Path
     path = write_config(tmp_path)
     assert campaignd("db", "upgrade", config=path).returncode == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAMPAIGND_")}
-    first = subprocess.Popen([sys.executable, "-m", "campaignd", "--config", str(path), "run"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "campaignd", "--config", str(path), "run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         lock = tmp_path / "state" / "campaignd.db.lock"
         deadline = time.monotonic() + 30

@@ -33,21 +33,39 @@ class Clock:
         return self.now
 
 
-def make_dispatcher(tmp_path: Path, store: Store, clock: Clock, *, email: MemoryChannel | None = None,
-                    **config: object) -> tuple[Dispatcher, MemoryChannel, MemoryChannel]:
+def make_dispatcher(
+    tmp_path: Path, store: Store, clock: Clock, *, email: MemoryChannel | None = None, **config: object
+) -> tuple[Dispatcher, MemoryChannel, MemoryChannel]:
     settings = make_settings(tmp_path, db_url="", **config)
     renderer, signer = prepare(settings)
     email = email or MemoryChannel()
     mail = MemoryChannel(concurrency=1)
-    dispatcher = Dispatcher(store=store, settings=settings, renderer=renderer, signer=signer,
-                            channels={"email": email, "mail": mail}, worker="test:1", clock=clock)
+    dispatcher = Dispatcher(
+        store=store,
+        settings=settings,
+        renderer=renderer,
+        signer=signer,
+        channels={"email": email, "mail": mail},
+        worker="test:1",
+        clock=clock,
+    )
     return dispatcher, email, mail
 
 
 def add_leads(store: Store, *emails: str, tier: str = "cold", now: datetime = T0) -> None:
-    rows = [LeadInput(email=e, first_name=e.split("@")[0].title(), company="Acme",
-                      address_line1="1 Main St", city="Springfield", region="IL", postal_code="62701",
-                      country="US") for e in emails]
+    rows = [
+        LeadInput(
+            email=e,
+            first_name=e.split("@")[0].title(),
+            company="Acme",
+            address_line1="1 Main St",
+            city="Springfield",
+            region="IL",
+            postal_code="62701",
+            country="US",
+        )
+        for e in emails
+    ]
     store.upsert_leads(rows, tier=tier, now=now)
 
 
@@ -61,7 +79,9 @@ async def run_until(dispatcher: Dispatcher, clock: Clock, until: datetime, step:
         clock.now += step
 
 
-async def test_each_lead_gets_its_sequence_in_order_then_promotion_and_flag(tmp_path: Path, store: Store) -> None:
+async def test_each_lead_gets_its_sequence_in_order_then_promotion_and_flag(
+    tmp_path: Path, store: Store
+) -> None:
     clock = Clock(T0)
     dispatcher, email, mail = make_dispatcher(tmp_path, store, clock, threshold=5)
     add_leads(store, "ann@example.com", "bob@example.com")
@@ -152,8 +172,9 @@ async def test_temporary_failure_is_retried_with_backoff(tmp_path: Path, store: 
 async def test_temporary_failures_give_up_after_max_attempts(tmp_path: Path, store: Store) -> None:
     clock = Clock(T0)
     channel = MemoryChannel(answer=lambda _m: Outcome.TEMPORARY)
-    dispatcher, _, _ = make_dispatcher(tmp_path, store, clock, email=channel,
-                                       extra="[dispatch]\nmax_attempts = 2\nretry_backoff = \"1m\"\n")
+    dispatcher, _, _ = make_dispatcher(
+        tmp_path, store, clock, email=channel, extra='[dispatch]\nmax_attempts = 2\nretry_backoff = "1m"\n'
+    )
     add_leads(store, "ann@example.com")
     await run_until(dispatcher, clock, T0 + timedelta(hours=2), timedelta(minutes=1))
     lead = store.get_lead("ann@example.com")
@@ -166,7 +187,9 @@ async def test_temporary_failures_give_up_after_max_attempts(tmp_path: Path, sto
 
 async def test_permanent_failure_suppresses_the_address(tmp_path: Path, store: Store) -> None:
     clock = Clock(T0)
-    channel = MemoryChannel(answer=lambda m: Outcome.PERMANENT if m.recipient == "bad@example.com" else Outcome.SENT)
+    channel = MemoryChannel(
+        answer=lambda m: Outcome.PERMANENT if m.recipient == "bad@example.com" else Outcome.SENT
+    )
     dispatcher, email, _ = make_dispatcher(tmp_path, store, clock, email=channel)
     add_leads(store, "bad@example.com", "good@example.com")
     await run_until(dispatcher, clock, T0 + timedelta(days=3), timedelta(hours=1))
@@ -210,7 +233,9 @@ steps = [{ template = "cold/01-intro", window = { days = ["mon-fri"], hours = "0
     assert len(email.outbox) == 1
 
 
-async def test_in_flight_touch_becomes_unknown_and_is_resent_only_on_request(tmp_path: Path, store: Store) -> None:
+async def test_in_flight_touch_becomes_unknown_and_is_resent_only_on_request(
+    tmp_path: Path, store: Store
+) -> None:
     clock = Clock(T0)
     dispatcher, email, _ = make_dispatcher(tmp_path, store, clock)
     add_leads(store, "ann@example.com")
@@ -246,7 +271,10 @@ async def test_claimed_work_is_taken_over_after_its_lease(tmp_path: Path, store:
     await dispatcher.run_pass(clock.now)
     assert len(email.outbox) == 1
     # the slow daemon can no longer mark it as sending
-    assert store.mark_sending([claim.touch_id], worker="slow:1", now=clock.now, lease=timedelta(minutes=5)) == set()
+    assert (
+        store.mark_sending([claim.touch_id], worker="slow:1", now=clock.now, lease=timedelta(minutes=5))
+        == set()
+    )
 
 
 async def test_a_lead_missing_a_custom_field_fails_alone(tmp_path: Path, store: Store) -> None:
@@ -268,7 +296,8 @@ async def test_a_lead_missing_a_custom_field_fails_alone(tmp_path: Path, store: 
     from tests.factories import config_text
 
     text = config_text(state_dir=tmp_path / "state", sequences=sequences).replace(
-        f'templates = "{TEMPLATES}"', settings_extra.strip())
+        f'templates = "{TEMPLATES}"', settings_extra.strip()
+    )
     cfg.write_text(text)
     from campaignd.config import load_settings
     from campaignd.render import SAMPLE_LEAD
@@ -280,10 +309,23 @@ async def test_a_lead_missing_a_custom_field_fails_alone(tmp_path: Path, store: 
     finally:
         SAMPLE_LEAD["custom"] = {}
     email = MemoryChannel()
-    dispatcher = Dispatcher(store=store, settings=settings, renderer=renderer, signer=signer,
-                            channels={"email": email, "mail": MemoryChannel()}, worker="t", clock=clock)
-    store.upsert_leads([LeadInput(email="has@example.com", custom={"salutation": "Ms."}),
-                        LeadInput(email="lacks@example.com")], tier="cold", now=T0)
+    dispatcher = Dispatcher(
+        store=store,
+        settings=settings,
+        renderer=renderer,
+        signer=signer,
+        channels={"email": email, "mail": MemoryChannel()},
+        worker="t",
+        clock=clock,
+    )
+    store.upsert_leads(
+        [
+            LeadInput(email="has@example.com", custom={"salutation": "Ms."}),
+            LeadInput(email="lacks@example.com"),
+        ],
+        tier="cold",
+        now=T0,
+    )
     await dispatcher.run_pass(T0)
     assert [m.recipient for m in email.outbox] == ["has@example.com"]
     lacks = store.get_lead("lacks@example.com")
@@ -297,8 +339,13 @@ async def test_manual_touch_counts_and_can_flag(tmp_path: Path, store: Store) ->
     dispatcher, email, _ = make_dispatcher(tmp_path, store, clock, threshold=2)
     add_leads(store, "ann@example.com")
     await dispatcher.run_pass(T0)
-    lead, after = store.log_manual_touch("ann@example.com", channel="call", note="left a voicemail",
-                                         at=T0 + timedelta(minutes=10), policy=dispatcher.policy)
+    lead, after = store.log_manual_touch(
+        "ann@example.com",
+        channel="call",
+        note="left a voicemail",
+        at=T0 + timedelta(minutes=10),
+        policy=dispatcher.policy,
+    )
     assert after.touch_count == 2 and after.flagged
     assert lead.status == LeadStatus.FLAGGED
     await run_until(dispatcher, clock, T0 + timedelta(days=3), timedelta(hours=1))
@@ -306,11 +353,14 @@ async def test_manual_touch_counts_and_can_flag(tmp_path: Path, store: Store) ->
 
 
 @pytest.mark.parametrize("n", [1200])
-async def test_a_backlog_larger_than_a_batch_is_claimed_once_each(tmp_path: Path, store: Store, n: int) -> None:
+async def test_a_backlog_larger_than_a_batch_is_claimed_once_each(
+    tmp_path: Path, store: Store, n: int
+) -> None:
     clock = Clock(T0)
     sequences = '[sequences.cold]\nsteps = [{ template = "cold/01-intro" }]\n'
-    dispatcher, email, _ = make_dispatcher(tmp_path, store, clock, sequences=sequences,
-                                           extra="[dispatch]\nbatch_size = 500\n")
+    dispatcher, email, _ = make_dispatcher(
+        tmp_path, store, clock, sequences=sequences, extra="[dispatch]\nbatch_size = 500\n"
+    )
     store.upsert_leads([LeadInput(email=f"lead{i}@example.com") for i in range(n)], tier="cold", now=T0)
     for _ in range(4):
         await dispatcher.run_pass(T0)

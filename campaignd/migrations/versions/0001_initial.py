@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-25 05:16:12.751131
 """
 
@@ -14,7 +14,6 @@ import sqlmodel
 from alembic import op
 
 import campaignd.models
-
 
 revision: str = '0001'
 down_revision: str | None = None
