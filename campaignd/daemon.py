@@ -139,6 +139,7 @@ class Daemon:
                 channels=self._channels or build_channels(settings),
                 worker=worker_name(),
                 clock=self.clock,
+                exclusive=exclusive,
             )
             self.store = store
             if self.once:

@@ -155,6 +155,7 @@ class Dispatcher:
     :param channels: one channel per step kind: ``"email"`` and ``"mail"``.
     :param worker: this daemon's name in claims (host, pid, random suffix).
     :param clock: the wall clock used to time-stamp what actually happened.
+    :param exclusive: True when no other daemon can use the database (SQLite).
     """
 
     def __init__(
@@ -167,8 +168,10 @@ class Dispatcher:
         channels: Mapping[str, Channel],
         worker: str,
         clock: Callable[[], datetime] = utcnow,
+        exclusive: bool = True,
     ) -> None:
         self.store = store
+        self.exclusive = exclusive
         self.worker = worker
         self.channels = dict(channels)
         self.clock = clock
@@ -194,6 +197,15 @@ class Dispatcher:
         started = time.monotonic()
         report = PassReport()
         dispatch = self.settings.dispatch
+        if not self.exclusive:
+            # Several daemons share the database: one may have died mid-send. Its
+            # in-flight touches become unknown once their lease has run out.
+            orphans = await asyncio.to_thread(self.store.recover_in_flight, now=now, exclusive=False)
+            for touch in orphans:
+                logger.error(
+                    "touch %d (%s/%s) was being sent by a daemon that stopped: marked unknown",
+                    touch.id, touch.tier, touch.step,
+                )
         claimed = await asyncio.to_thread(
             self.store.claim, policy=self.policy, now=now, limit=dispatch.batch_size, worker=self.worker
         )

@@ -201,6 +201,11 @@ def decide(lead: LeadState, policy: Policy, *, now: datetime) -> Decision:
     reason = why_not_contactable(lead)
     if reason is not None:
         return Idle(reason)
+    for sending in lead.touches:
+        if sending.status == "sending":
+            # A message to this lead is on the wire (or its daemon died sending it): nothing
+            # else may go out until its answer is recorded or it is declared unknown.
+            return Wait(max(sending.lease_until or now, now + policy.lease / 10))
     touch = next_touch(lead, policy)
     if touch is None:
         return Idle("sequence finished")

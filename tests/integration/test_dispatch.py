@@ -369,3 +369,22 @@ async def test_a_backlog_larger_than_a_batch_is_claimed_once_each(
     with store.engine.connect() as conn:
         sent = conn.execute(sa.text("select count(*) from touches where status = 'sent'")).scalar_one()
     assert sent == n
+
+
+async def test_a_message_in_flight_elsewhere_holds_the_lead_then_becomes_unknown(
+    tmp_path: Path, store: Store
+) -> None:
+    """With several daemons (PostgreSQL), a daemon that died mid-send blocks nothing forever
+    and never causes the next step to overtake the one in flight."""
+    clock = Clock(T0)
+    dispatcher, email, mail = make_dispatcher(tmp_path, store, clock)
+    dispatcher.exclusive = False
+    add_leads(store, "ann@example.com")
+    [claim] = store.claim(policy=dispatcher.policy, now=T0, limit=10, worker="dead:1").claims
+    assert store.mark_sending([claim.touch_id], worker="dead:1", now=T0, lease=timedelta(minutes=5))
+    for minutes in (1, 3, 61, 120):  # the postcard would be due an hour after the intro
+        clock.now = T0 + timedelta(minutes=minutes)
+        await dispatcher.run_pass(clock.now)
+    assert email.outbox == [] and mail.outbox == []
+    touch = store.get_touch(claim.touch_id)
+    assert touch is not None and touch.status == TouchStatus.UNKNOWN
