@@ -362,6 +362,123 @@ def plan(
         out(f"\n{len(entries)} touches planned for {len(leads)} active leads in the next {days} days")
 
 
+# -- doctor -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+    warn: bool = False
+
+
+def _doctor_checks() -> list[Check]:
+    import asyncio
+    import tempfile
+
+    from campaignd.config import Channel
+    from campaignd.daemon import prepare
+    from campaignd.unsubscribe import KEY_FILE
+
+    checks: list[Check] = []
+    path = find_config(STATE.config)
+    try:
+        settings = STATE.settings()
+    except ConfigError as exc:
+        checks.append(Check("config", False, str(exc), "fix the keys above, then 'campaignd config check'"))
+        return checks
+    checks.append(Check("config", True, f"{path or 'built-in defaults'} is valid"))
+
+    email_steps = any(s.channel == Channel.EMAIL for seq in settings.sequences.values() for s in seq.steps)
+    if not settings.sequences:
+        checks.append(Check("sequences", False, "no sequence is configured: nothing will be sent",
+                            "add [sequences.cold] and [sequences.warm] (see config/campaignd.toml)"))
+    if email_steps and not settings.sender.postal_address:
+        checks.append(Check("postal address", False, "sender.postal_address is empty",
+                            "marketing email must carry the business's postal address; set it in [sender]"))
+    else:
+        checks.append(Check("postal address", True, settings.sender.postal_address or "(no email steps)"))
+
+    try:
+        prepare(settings, create_key=False)
+        checks.append(Check("templates", True, f"every referenced template renders ({settings.templates})"))
+    except CampaigndError as exc:
+        checks.append(Check("templates", False, str(exc), "fix them, then 'campaignd templates check'"))
+
+    state = settings.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=state, prefix=".doctor-"):
+            pass
+        checks.append(Check("state directory", True, f"{state} is writable"))
+    except OSError as exc:
+        checks.append(Check("state directory", False, f"{state}: {exc.strerror or exc}",
+                            "create it and give the service user write access (StateDirectory= under systemd)"))
+
+    try:
+        engine = database.create_engine(settings.database_url)
+        current, head = database.current_revision(engine), database.head_revision()
+        engine.dispose()
+        if current == head:
+            checks.append(Check("database", True, f"reachable, at revision {head}"))
+        else:
+            checks.append(Check("database", False, f"at revision {current or 'none (empty)'}, needs {head}",
+                                "run 'campaignd db upgrade'"))
+    except CampaigndError as exc:
+        checks.append(Check("database", False, str(exc), "check database.url and that the server is up"))
+
+    if settings.smtp.host:
+        from campaignd.mailer import check_relay
+
+        where = f"{settings.smtp.host}:{settings.smtp.port} ({settings.smtp.tls.value})"
+        try:
+            banner = asyncio.run(check_relay(settings.smtp))
+            login = f", logged in as {settings.smtp.username}" if settings.smtp.username else ""
+            checks.append(Check("smtp relay", True, f"{where} answers{login}: {banner[:80]}"))
+        except CampaigndError as exc:
+            checks.append(Check("smtp relay", False, f"{where}: {exc}",
+                                "check [smtp] host/port/tls/username and CAMPAIGND_SMTP__PASSWORD"))
+    else:
+        checks.append(Check("smtp relay", True, f"none configured: email goes to the outbox {settings.outbox_dir}",
+                            "set [smtp] host to send for real", warn=True))
+
+    keyed = bool(settings.unsubscribe.secret_key.get_secret_value())
+    key_file = settings.state_dir / KEY_FILE
+    if keyed:
+        checks.append(Check("unsubscribe key", True, "set in the environment"))
+    else:
+        checks.append(Check("unsubscribe key", True,
+                            f"generated in {key_file}" if key_file.exists() else f"will be generated in {key_file}",
+                            "back this file up, or set CAMPAIGND_UNSUBSCRIBE__SECRET_KEY", warn=True))
+    base = settings.unsubscribe.base_url
+    if base.startswith("https://"):
+        checks.append(Check("unsubscribe links", True, f"{base}/u/…"))
+    else:
+        checks.append(Check("unsubscribe links", True, f"{base} is not https",
+                            "set unsubscribe.base_url to the public https URL of your reverse proxy", warn=True))
+    return checks
+
+
+@app.command()
+def doctor() -> None:
+    """Check what a broken install usually gets wrong, one line each with a hint."""
+    checks = _doctor_checks()
+    for c in checks:
+        mark = "FAIL" if not c.ok else ("WARN" if c.warn else " OK ")
+        first, *rest = c.detail.splitlines() or [""]
+        out(f"[{mark}] {c.name:<18} {first}")
+        for line in rest:
+            out(f"       {'':<18} {line}")
+        if c.hint and (not c.ok or c.warn):
+            out(f"       {'':<18} → {c.hint}")
+    failed = [c for c in checks if not c.ok]
+    out(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed")
+    if failed:
+        raise typer.Exit(1)
+
+
 # -- config, db, templates ----------------------------------------------------------------------
 
 
