@@ -8,9 +8,10 @@ it holds. Imports no database, scheduler or SMTP module.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,8 @@ class Outgoing:
     :param message_id: the Message-ID header value, recorded with the touch.
     :param kind: ``email`` or ``mail``.
     :param filename_hint: a readable name for channels that write files.
+    :param lead: the lead as templates see it (contact fields, postal address), for
+        channels that need more than an address, such as direct mail.
     """
 
     touch_id: int
@@ -33,16 +36,27 @@ class Outgoing:
     message_id: str
     kind: str = "email"
     filename_hint: str = ""
+    lead: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Outcome(StrEnum):
     SENT = "sent"
     TEMPORARY = "temporary"
-    """Not delivered and safe to retry: connection refused, 4xx before the data was accepted."""
+    """Not delivered and safe to retry: a 4xx, or the link failing before the data."""
+    UNAVAILABLE = "unavailable"
+    """The channel itself cannot be reached (relay down, login refused): nothing was tried
+    for this message, so it costs no attempt; the channel is backed off as a whole."""
     PERMANENT = "permanent"
     """Refused for good (5xx for the recipient): the address is suppressed."""
+    REJECTED = "rejected"
+    """Refused for good, but not because of the address (the content, the sender): failed,
+    the address is not suppressed."""
     UNKNOWN = "unknown"
     """The message may or may not have been accepted (the link died after the data)."""
+    SKIPPED = "skipped"
+    """Not sent on purpose, for a reason given in the detail; the sequence moves on."""
+    PENDING = "pending"
+    """Accepted for later delivery by the channel itself (a letter waiting for its print batch)."""
 
 
 @dataclass(frozen=True, slots=True)

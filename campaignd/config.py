@@ -11,6 +11,7 @@ Precedence, highest first: environment, ``.env``, the TOML file, defaults.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -446,15 +447,25 @@ def load_settings(
             raise ConfigError([Problem(source, "", f"not valid TOML: {exc}")]) from None
 
     problems = [
-        Problem(source, dotted, "secrets must not be written in the config file; set "
-                f"{env_name(dotted)} in the environment or the .env file instead")
+        Problem(
+            source,
+            dotted,
+            "secrets must not be written in the config file; set "
+            f"{env_name(dotted)} in the environment or the .env file instead",
+        )
         for dotted in SECRET_KEYS
         if _dig(data, dotted)
     ]
     db_url = _dig(data, "database.url")
     if isinstance(db_url, str) and urlsplit(db_url).password:
-        problems.append(Problem(source, "database.url", "a database URL with a password is a "
-                                f"secret; set {env_name('database.url')} in the environment instead"))
+        problems.append(
+            Problem(
+                source,
+                "database.url",
+                "a database URL with a password is a "
+                f"secret; set {env_name('database.url')} in the environment instead",
+            )
+        )
 
     dotenv_env: dict[str, str] = {}
     if dotenv is not None and dotenv.is_file():
@@ -484,13 +495,11 @@ def _env_overrides(env: dict[str, str], env_keys: set[str]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for key in sorted(env_keys):
-        path = key[len(ENV_PREFIX):].lower().split("__")
+        path = key[len(ENV_PREFIX) :].lower().split("__")
         value: Any = env[key]
         if isinstance(value, str) and value[:1] in "[{":
-            try:
+            with contextlib.suppress(ValueError):
                 value = json.loads(value)
-            except ValueError:
-                pass
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -278,6 +278,7 @@ class Daemon:
             "bounced",
             "unknown",
             "skipped",
+            "for_print",
             "released",
             "promoted",
             "flagged",

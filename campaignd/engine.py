@@ -19,10 +19,10 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-from campaignd.channels import Channel, Outgoing
+from campaignd.channels import Channel, Outcome, Outgoing
 from campaignd.config import Channel as ChannelKind
 from campaignd.config import Settings
 from campaignd.message import build_email, message_id
@@ -117,6 +117,9 @@ class PassReport:
     bounced: int = 0
     unknown: int = 0
     skipped: int = 0
+    deferred: int = 0
+    """Work that waits because its channel could not be reached (costs no attempt)."""
+    for_print: int = 0
     released: int = 0
     promoted: int = 0
     flagged: int = 0
@@ -131,6 +134,8 @@ class PassReport:
             "bounced": "bounced",
             "unknown": "unknown",
             "skipped": "skipped",
+            "pending": "for_print",
+            "unavailable": "deferred",
         }.get(rec.status)
         if counter:
             setattr(self, counter, getattr(self, counter) + 1)
@@ -139,9 +144,20 @@ class PassReport:
 
     def summary(self) -> str:
         parts = [f"claimed {self.claimed}", f"sent {self.sent}"]
-        for name in ("retried", "failed", "bounced", "unknown", "skipped", "released", "promoted", "flagged"):
+        for name in (
+            "retried",
+            "failed",
+            "bounced",
+            "unknown",
+            "skipped",
+            "deferred",
+            "for_print",
+            "released",
+            "promoted",
+            "flagged",
+        ):
             if getattr(self, name):
-                parts.append(f"{name} {getattr(self, name)}")
+                parts.append(f"{name.replace('for_print', 'queued for print')} {getattr(self, name)}")
         return ", ".join(parts) + f" in {self.seconds:.1f}s"
 
 
@@ -176,6 +192,8 @@ class Dispatcher:
         self.channels = dict(channels)
         self.clock = clock
         self.stopping = asyncio.Event()
+        self._unavailable: dict[str, int] = {}
+        """Consecutive passes in which a channel could not be reached, per channel kind."""
         self.reconfigure(settings=settings, renderer=renderer, signer=signer)
 
     def reconfigure(self, *, settings: Settings, renderer: Renderer, signer: Signer) -> None:
@@ -204,7 +222,9 @@ class Dispatcher:
             for touch in orphans:
                 logger.error(
                     "touch %d (%s/%s) was being sent by a daemon that stopped: marked unknown",
-                    touch.id, touch.tier, touch.step,
+                    touch.id,
+                    touch.tier,
+                    touch.step,
                 )
         claimed = await asyncio.to_thread(
             self.store.claim, policy=self.policy, now=now, limit=dispatch.batch_size, worker=self.worker
@@ -222,21 +242,22 @@ class Dispatcher:
             name="recording results",
             retry_for=dispatch.stop_timeout.total_seconds() * 15,
         )
-        queues: dict[str, asyncio.Queue[Claim]] = {}
+        lanes: dict[str, _Lane] = {}
         for claim in claimed.claims:
             found = self._steps.get((claim.tier, claim.step))
             kind = found[1].channel.value if found else ChannelKind.EMAIL.value
-            queues.setdefault(kind, asyncio.Queue()).put_nowait(claim)
+            if kind not in lanes:
+                lanes[kind] = _Lane(kind, self.channels[kind])
+            lanes[kind].queue.put_nowait(claim)
 
         opened: list[Channel] = []
         try:
             workers: list[Awaitable[None]] = []
-            for kind, queue in queues.items():
-                channel = self.channels[kind]
-                await channel.open()
-                opened.append(channel)
-                for _ in range(max(1, channel.concurrency)):
-                    workers.append(self._work(channel, queue, marker, recorder, report))
+            for lane in lanes.values():
+                await lane.channel.open()
+                opened.append(lane.channel)
+                for _ in range(max(1, lane.channel.concurrency)):
+                    workers.append(self._work(lane, marker, recorder, report))
             await asyncio.gather(*workers)
         finally:
             for channel in opened:
@@ -244,32 +265,53 @@ class Dispatcher:
                     await channel.close()
                 except Exception as exc:
                     logger.warning("closing channel %s failed: %s", channel.name, _short(exc))
-            leftover = [claim.touch_id for q in queues.values() for claim in _drain(q)]
-            if leftover:
-                report.released = await asyncio.to_thread(
-                    self.store.release, leftover, worker=self.worker, now=self.clock()
-                )
+            for lane in lanes.values():
+                if lane.down is None:
+                    self._unavailable.pop(lane.kind, None)
+                leftover = [claim.touch_id for claim in _drain(lane.queue)]
+                if leftover:
+                    now_ = self.clock()
+                    report.released += await asyncio.to_thread(
+                        self.store.release,
+                        leftover,
+                        worker=self.worker,
+                        now=now_,
+                        retry_at=now_ + lane.down if lane.down else None,
+                    )
         report.seconds = time.monotonic() - started
         return report
 
+    def _backoff(self, lane: _Lane, detail: str) -> timedelta:
+        """The channel could not be reached: stop using it this pass and back off."""
+        if lane.down is None:
+            failures = self._unavailable.get(lane.kind, 0) + 1
+            self._unavailable[lane.kind] = failures
+            lane.down = min(RELAY_BACKOFF * 2 ** (failures - 1), RELAY_BACKOFF_MAX)
+            logger.warning(
+                "%s channel unavailable (%s); its work waits %ss",
+                lane.kind,
+                detail,
+                int(lane.down.total_seconds()),
+            )
+        return lane.down
+
     async def _work(
         self,
-        channel: Channel,
-        queue: asyncio.Queue[Claim],
+        lane: _Lane,
         marker: GroupCommit[int, bool],
         recorder: GroupCommit[Result, Recorded | None],
         report: PassReport,
     ) -> None:
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and lane.down is None:
             try:
-                claim = queue.get_nowait()
+                claim = lane.queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
             try:
                 outgoing = self._build(claim)
             except RenderError as exc:
                 logger.error("cannot render %s/%s for %s: %s", claim.tier, claim.step, claim.lead.email, exc)
-                await self._finish(recorder, report, Result(claim.touch_id, "rejected", str(exc)))
+                await self._finish(recorder, report, Result(claim.touch_id, "render", str(exc)))
                 continue
             except _StepGone:
                 # The step left the configuration since the claim: give the work back.
@@ -280,8 +322,13 @@ class Dispatcher:
             if not await marker.submit(claim.touch_id):
                 logger.warning("touch %s is no longer ours (lease taken over); not sending", claim.touch_id)
                 continue
-            delivery = await channel.send(outgoing)
-            result = Result(claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id)
+            delivery = await lane.channel.send(outgoing)
+            retry_after = None
+            if delivery.outcome == Outcome.UNAVAILABLE:
+                retry_after = self._backoff(lane, delivery.detail)
+            result = Result(
+                claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id, retry_after
+            )
             await self._finish(recorder, report, result)
 
     async def _finish(
@@ -299,9 +346,8 @@ class Dispatcher:
         index, step = found
         lead = claim.lead
         links = self.signer.links(lead.id, lead.email)
-        rendered = self.renderer.render(
-            lead=lead_context(lead), tier=claim.tier, step=step, index=index, links=links
-        )
+        context = lead_context(lead)
+        rendered = self.renderer.render(lead=context, tier=claim.tier, step=step, index=index, links=links)
         msg_id = message_id(touch_id=claim.touch_id, lead_id=lead.id, sender=self.settings.sender)
         if step.channel == ChannelKind.MAIL:
             return Outgoing(
@@ -312,6 +358,7 @@ class Dispatcher:
                 msg_id,
                 kind="mail",
                 filename_hint=_slug(f"{claim.tier}-{step.id}-{lead.email}"),
+                lead=context,
             )
         data = build_email(
             rendered,
@@ -356,6 +403,20 @@ class _StepGone(Exception):
     pass
 
 
+RELAY_BACKOFF = timedelta(seconds=5)
+RELAY_BACKOFF_MAX = timedelta(minutes=5)
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One channel's share of a pass: its queue of claims and whether it went down."""
+
+    kind: str
+    channel: Channel
+    queue: asyncio.Queue[Claim] = field(default_factory=asyncio.Queue)
+    down: timedelta | None = None
+
+
 def _drain(queue: asyncio.Queue[Claim]) -> list[Claim]:
     items = []
     while not queue.empty():
@@ -389,5 +450,9 @@ def _log_event(rec: Recorded) -> None:
         logger.error("unknown outcome of %s to %s (touch %d): %s", step, rec.email, rec.touch_id, rec.detail)
     elif rec.status == "skipped":
         logger.warning("skipped %s for %s: %s", step, rec.email, rec.detail)
+    elif rec.status == "unavailable":
+        logger.debug("deferred %s to %s: channel unavailable", step, rec.email)
+    elif rec.status == "pending":
+        logger.info("queued %s for %s for the next print batch", step, rec.email)
     else:
         logger.error("failed %s to %s (touch %d): %s", step, rec.email, rec.touch_id, rec.detail)

@@ -71,6 +71,28 @@ class TouchStatus(StrEnum):
     UNKNOWN = "unknown"
     """The process died while the message was in flight; never resent automatically."""
     CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+    """Not sent on purpose (a letter to a lead without a complete postal address); the reason is kept."""
+    PENDING = "pending"
+    """A direct-mail piece waiting for the next print batch. Holds the lead; not yet a touch."""
+    QUEUED = "queued"
+    """A direct-mail piece exported in a print batch, waiting for the batch to be confirmed mailed."""
+
+
+class EventKind(StrEnum):
+    """Things that happen to a lead besides touches; the digest's totals count them."""
+
+    PROMOTED = "promoted"
+    FLAGGED = "flagged"
+    UNFLAGGED = "unflagged"
+    CONVERTED = "converted"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    SUPPRESSED = "suppressed"
+    UNSUPPRESSED = "unsuppressed"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    TIER_CHANGED = "tier_changed"
 
 
 class SuppressionReason(StrEnum):
@@ -81,7 +103,10 @@ class SuppressionReason(StrEnum):
 
 class Lead(SQLModel, table=True):
     __tablename__ = "leads"
-    __table_args__ = (sa.Index("ix_leads_due", "status", "next_due_at"),)
+    __table_args__ = (
+        sa.Index("ix_leads_due", "status", "next_due_at"),
+        sa.Index("ix_leads_flagged_at", "flagged_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     email: str = Field(sa_type=sa.String(320), unique=True)
@@ -108,6 +133,7 @@ class Lead(SQLModel, table=True):
     """When the next step is due, already moved into its send window; NULL when nothing is."""
     flagged_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     flag_reason: str | None = Field(default=None, sa_type=sa.String(500))
+    converted_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     custom: dict[str, Any] = Field(default_factory=dict, sa_type=sa.JSON)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
@@ -123,6 +149,7 @@ class Touch(SQLModel, table=True):
         sa.UniqueConstraint("lead_id", "tier", "step", name="uq_touches_lead_step"),
         sa.Index("ix_touches_status_lease", "status", "lease_until"),
         sa.Index("ix_touches_sent_at", "sent_at"),
+        sa.Index("ix_touches_batch_id", "batch_id"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -144,6 +171,8 @@ class Touch(SQLModel, table=True):
     message_id: str | None = Field(default=None, sa_type=sa.String(255))
     error: str | None = Field(default=None, sa_type=sa.Text)
     note: str | None = Field(default=None, sa_type=sa.Text)
+    batch_id: int | None = Field(default=None, foreign_key="print_batches.id", ondelete="SET NULL")
+    """The print batch a direct-mail piece was exported in."""
     created_at: datetime = Field(sa_type=UTCDateTime)
     sent_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
@@ -158,6 +187,59 @@ class Suppression(SQLModel, table=True):
     reason: str = Field(sa_type=sa.String(16))
     detail: str = Field(default="", sa_type=sa.Text)
     created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class LeadEvent(SQLModel, table=True):
+    """Something that happened to a lead other than a touch: promoted, flagged, unsubscribed, ..."""
+
+    __tablename__ = "lead_events"
+    __table_args__ = (sa.Index("ix_lead_events_kind_at", "kind", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    lead_id: int = Field(
+        sa_column_kwargs={"nullable": False}, foreign_key="leads.id", ondelete="CASCADE", index=True
+    )
+    kind: str = Field(sa_type=sa.String(16))
+    at: datetime = Field(sa_type=UTCDateTime)
+    detail: str = Field(default="", sa_type=sa.Text)
+
+
+class DigestRun(SQLModel, table=True):
+    """One flagged-lead digest: what period it covered and whether it went out."""
+
+    __tablename__ = "digest_runs"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(sa_type=sa.String(16))
+    """``scheduled`` (the daemon's job) or ``manual`` (``campaignd digest --send``)."""
+    scheduled_for: datetime | None = Field(default=None, sa_type=UTCDateTime, unique=True)
+    """The schedule's fire time; unique, so one scheduled digest can never be sent twice."""
+    period_start: datetime = Field(sa_type=UTCDateTime)
+    period_end: datetime = Field(sa_type=UTCDateTime)
+    status: str = Field(sa_type=sa.String(16))
+    leads: int = 0
+    recipients: str = Field(default="", sa_type=sa.Text)
+    message_id: str | None = Field(default=None, sa_type=sa.String(255))
+    error: str | None = Field(default=None, sa_type=sa.Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class PrintBatch(SQLModel, table=True):
+    """A batch of direct-mail pieces exported for the print shop or mailing house."""
+
+    __tablename__ = "print_batches"
+
+    id: int | None = Field(default=None, primary_key=True)
+    status: str = Field(sa_type=sa.String(16))
+    pieces: int = 0
+    pages: int = 0
+    path: str = Field(default="", sa_type=sa.Text)
+    detail: str = Field(default="", sa_type=sa.Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    exported_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    confirmed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cancelled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class Meta(SQLModel, table=True):

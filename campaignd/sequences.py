@@ -20,8 +20,11 @@ from zoneinfo import ZoneInfo
 from campaignd.config import Sequence, Settings, Step, Tier, Window
 
 # Touch statuses as the core sees them (kept as strings so the core has no model import).
-SLOT_TAKEN = frozenset({"sent", "sending", "unknown", "failed", "cancelled", "skipped"})
+SLOT_TAKEN = frozenset({"sent", "sending", "unknown", "failed", "cancelled", "skipped", "pending", "queued"})
 HOLDING = frozenset({"unknown", "failed"})
+"""Statuses that stop a lead's drip until the operator has looked at them."""
+IN_PRINT = frozenset({"pending", "queued"})
+"""A letter not yet mailed: the next step waits, since its delay counts from the mailing."""
 ACTIVE = "active"
 
 
@@ -206,6 +209,9 @@ def decide(lead: LeadState, policy: Policy, *, now: datetime) -> Decision:
             # A message to this lead is on the wire (or its daemon died sending it): nothing
             # else may go out until its answer is recorded or it is declared unknown.
             return Wait(max(sending.lease_until or now, now + policy.lease / 10))
+        if sending.status in IN_PRINT and sending.step is not None:
+            # Planned again when its print batch is mailed (or cancelled).
+            return Idle(f"step {sending.tier}/{sending.step} is waiting to be mailed")
     touch = next_touch(lead, policy)
     if touch is None:
         return Idle("sequence finished")
@@ -237,9 +243,7 @@ class AfterTouch:
     flagged: bool = False
 
 
-def apply_touch(
-    lead: LeadState, policy: Policy, *, at: datetime, tier: str, step: str | None
-) -> AfterTouch:
+def apply_touch(lead: LeadState, policy: Policy, *, at: datetime, tier: str, step: str | None) -> AfterTouch:
     """Count a touch made at ``at`` and decide promotion and flagging.
 
     ``step`` is None for a touch made by hand (a call, a meeting, a letter). The lead's
@@ -295,8 +299,8 @@ def in_window(at: datetime, window: Window | None, zone: ZoneInfo) -> bool:
         return True
     local = at.astimezone(zone)
     start, end = window.hours
-    return local.weekday() in window.days and start <= local.time() and (
-        end == time.max or local.time() < end
+    return (
+        local.weekday() in window.days and start <= local.time() and (end == time.max or local.time() < end)
     )
 
 

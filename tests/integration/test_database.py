@@ -58,8 +58,16 @@ def test_the_database_refuses_a_second_touch_of_the_same_step(store: Store) -> N
     now = datetime(2026, 1, 1, tzinfo=UTC)
     store.upsert_leads([LeadInput(email="a@example.com")], tier="cold", now=now)
     lead = store.get_lead("a@example.com")
-    row = {"lead_id": lead.id, "tier": "cold", "step": "01-intro", "channel": "email", "status": "sent",
-           "attempts": 1, "created_at": now, "updated_at": now}
+    row = {
+        "lead_id": lead.id,
+        "tier": "cold",
+        "step": "01-intro",
+        "channel": "email",
+        "status": "sent",
+        "attempts": 1,
+        "created_at": now,
+        "updated_at": now,
+    }
     touches = sa.table("touches", *(sa.column(k) for k in row))
     with store.engine.begin() as conn:
         conn.execute(sa.insert(touches).values(row))

@@ -35,8 +35,9 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 @needs_analyze
 def test_unit_exposure_is_at_most_2() -> None:
-    done = subprocess.run([str(ANALYZE), "security", "--offline=true", str(UNIT)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [str(ANALYZE), "security", "--offline=true", str(UNIT)], capture_output=True, text=True, timeout=60
+    )
     match = re.search(r"Overall exposure level for campaignd.service: ([0-9.]+) (\w+)", done.stdout)
     assert match, done.stdout + done.stderr
     assert float(match.group(1)) <= 2.0, done.stdout

@@ -25,8 +25,13 @@ def _emit(config: dict[str, object], level: int, message: str) -> str:
 
 @pytest.mark.parametrize(
     ("level", "prefix"),
-    [(logging.DEBUG, "<7>"), (logging.INFO, "<6>"), (logging.WARNING, "<4>"), (logging.ERROR, "<3>"),
-     (logging.CRITICAL, "<2>")],
+    [
+        (logging.DEBUG, "<7>"),
+        (logging.INFO, "<6>"),
+        (logging.WARNING, "<4>"),
+        (logging.ERROR, "<3>"),
+        (logging.CRITICAL, "<2>"),
+    ],
 )
 def test_journal_lines_carry_their_priority_and_no_timestamp(level: int, prefix: str) -> None:
     line = _emit(log_config("DEBUG", journal=True), level, "sent cold/01-intro to a@example.com")

@@ -1,0 +1,3 @@
+"""The flagged-lead digest by hand: review, export and send it."""
+
+from __future__ import annotations

@@ -1,0 +1,78 @@
+"""Commands that set an install up: config check/show, db upgrade/current."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from campaignd import database
+from campaignd.cli.app import STATE, app, emit_json, out
+from campaignd.config import find_config
+
+config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="The lead database: migrations.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Validate the configuration and the templates it references."""
+    from campaignd.daemon import prepare
+
+    path = find_config(STATE.config)
+    settings = STATE.settings()
+    prepare(settings, create_key=False)
+    steps = sum(len(s.steps) for s in settings.sequences.values())
+    out(
+        f"{path or 'defaults'}: configuration valid ({len(settings.sequences)} sequences, {steps} steps, "
+        f"templates in {settings.templates})"
+    )
+
+
+@config_app.command("show")
+def config_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Print the effective configuration, secrets redacted."""
+    data = STATE.settings().redacted()
+    if as_json:
+        emit_json(data)
+        return
+    _print_toml(data)
+
+
+def _print_toml(data: dict[str, Any], prefix: str = "") -> None:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    if prefix and scalars:
+        out(f"[{prefix}]")
+    for k, v in scalars.items():
+        out(f"{k} = {json.dumps(v, ensure_ascii=False)}")
+    if scalars:
+        out()
+    for k, v in tables.items():
+        _print_toml(v, f"{prefix}.{k}" if prefix else k)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create the database or bring it to the latest schema revision."""
+    settings = STATE.settings()
+    engine = database.create_engine(settings.database_url)
+    before, after = database.upgrade(engine)
+    if before == after:
+        out(f"database already at revision {after}")
+    else:
+        out(f"database upgraded from {before or 'empty'} to revision {after}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the schema revision of the database and the one this version needs."""
+    settings = STATE.settings()
+    engine = database.create_engine(settings.database_url)
+    current, head = database.current_revision(engine), database.head_revision()
+    out(f"database revision: {current or 'empty'}; this version needs: {head}")
+    if current != head:
+        raise typer.Exit(1)

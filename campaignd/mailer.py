@@ -1,0 +1,234 @@
+"""The SMTP channel: what bytes go to the relay, over which connections, and what the
+relay's answer means for the touch.
+
+A small pool of aiosmtplib clients (one client serialises its commands, so parallelism
+means several connections), each reused for many messages and reconnected when it
+drops; implicit TLS or STARTTLS and login as configured; an optional messages-per-second
+limit across the pool. Every answer is classified for the dispatcher:
+
+- accepted after DATA: ``sent``;
+- refused for the recipient with a 5xx (or a 5.1.x/5.2.1 status after DATA): ``permanent``,
+  a hard bounce that suppresses the address;
+- any other 5xx (the sender, the content, a policy): ``rejected``, failed but not
+  suppressed;
+- a 4xx, or the link failing before the message was handed over: ``temporary``, retried;
+- the relay unreachable or refusing the connection: ``unavailable``, not the message's
+  fault, so it costs no attempt;
+- the link failing or timing out after DATA began: ``unknown``, because the relay may
+  have accepted the message; it is never resent by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import aiosmtplib
+import idna
+from aiosmtplib import (
+    SMTPAuthenticationError,
+    SMTPConnectError,
+    SMTPDataError,
+    SMTPException,
+    SMTPNotSupported,
+    SMTPRecipientRefused,
+    SMTPResponseException,
+    SMTPSenderRefused,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from campaignd.channels import Delivery, Outcome, Outgoing
+from campaignd.config import Smtp, TlsMode
+
+logger = logging.getLogger(__name__)
+
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})")
+
+
+class Pacer:
+    """Spaces calls at most ``rate`` per second (0: no limit), across all callers."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = 0.0
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        now = asyncio.get_running_loop().time()
+        slot = max(now, self._next)
+        self._next = slot + self.interval
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+def envelope_address(address: str) -> tuple[str, bool]:
+    """The address for MAIL FROM/RCPT TO, and whether it needs SMTPUTF8.
+
+    An internationalised domain goes on the wire in its IDNA (``xn--``) form, which
+    every relay accepts; only a non-ASCII local part needs the SMTPUTF8 extension.
+    """
+    local, _, domain = address.rpartition("@")
+    if not domain.isascii():
+        domain = idna.encode(domain, uts46=True).decode("ascii")
+    return f"{local}@{domain}", not local.isascii()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SMTPResponseException):
+        return f"{exc.code} {exc.message}".strip()
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _about_the_address(code: int, message: str) -> bool:
+    """True when a 5xx after DATA is about the mailbox (RFC 3463 x.1.x, 5.2.1), not the content."""
+    match = _ENHANCED.match(message)
+    if not match:
+        return False
+    subject, detail = int(match.group(2)), int(match.group(3))
+    return code >= 500 and (subject == 1 or (subject == 2 and detail == 1))
+
+
+class SmtpChannel:
+    """Delivers email through an SMTP relay.
+
+    :param settings: the ``[smtp]`` configuration.
+    """
+
+    name = "smtp"
+
+    def __init__(self, *, settings: Smtp) -> None:
+        self.settings = settings
+        self.concurrency = settings.connections
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._pacer = Pacer(settings.rate)
+
+    def describe(self) -> str:
+        return f"SMTP {self.settings.host}:{self.settings.port} ({self.settings.tls.value})"
+
+    def _client(self) -> aiosmtplib.SMTP:
+        s = self.settings
+        password = s.password.get_secret_value()
+        return aiosmtplib.SMTP(
+            hostname=s.host,
+            port=s.port,
+            username=s.username or None,
+            password=password if s.username else None,
+            use_tls=s.tls == TlsMode.IMPLICIT,
+            start_tls=s.tls == TlsMode.STARTTLS,
+            timeout=s.timeout.total_seconds(),
+            local_hostname=s.helo_name or None,
+        )
+
+    async def open(self) -> None:
+        """Connections are made on first use and kept for the pass."""
+
+    async def check(self) -> str:
+        """Connect, log in and quit: what ``campaignd doctor`` runs. Raises on failure."""
+        client = self._client()
+        try:
+            await client.connect()
+            extensions = ", ".join(sorted(client.esmtp_extensions)) or "none"
+            await client.quit()
+        finally:
+            client.close()
+        return f"{self.describe()} accepted the connection (extensions: {extensions})"
+
+    async def send(self, message: Outgoing) -> Delivery:
+        await self._pacer.wait()
+        reused = bool(self._idle)
+        client = self._idle.pop() if reused else self._client()
+        delivery, keep = await self._transaction(client, message)
+        if delivery.outcome in (Outcome.TEMPORARY, Outcome.UNAVAILABLE) and reused and not keep:
+            # A pooled connection may have been dropped by the relay while it sat idle;
+            # the message never left, so try once more on a fresh connection.
+            client.close()
+            client = self._client()
+            delivery, keep = await self._transaction(client, message)
+        if keep and client.is_connected:
+            self._idle.append(client)
+        else:
+            client.close()
+        return delivery
+
+    async def _transaction(self, client: aiosmtplib.SMTP, message: Outgoing) -> tuple[Delivery, bool]:
+        """One MAIL/RCPT/DATA exchange; returns the delivery and whether the link is reusable."""
+        touch = message.touch_id
+        if not client.is_connected:
+            try:
+                await client.connect()
+            except SMTPAuthenticationError as exc:
+                return Delivery(
+                    touch, Outcome.UNAVAILABLE, f"the relay refused the login: {_describe(exc)}"
+                ), False
+            except (SMTPException, OSError, TimeoutError) as exc:
+                return Delivery(
+                    touch, Outcome.UNAVAILABLE, f"cannot reach the relay: {_describe(exc)}"
+                ), False
+        sender, sender_utf8 = envelope_address(message.sender)
+        recipient, recipient_utf8 = envelope_address(message.recipient)
+        options: list[str] = []
+        encoding = "ascii"
+        if sender_utf8 or recipient_utf8:
+            if not client.supports_extension("smtputf8"):
+                return Delivery(
+                    touch,
+                    Outcome.REJECTED,
+                    f"{message.recipient} needs SMTPUTF8, which the relay does not offer",
+                ), True
+            options, encoding = ["SMTPUTF8"], "utf-8"
+        try:
+            await client.mail(sender, options=options, encoding=encoding)
+            await client.rcpt(recipient, encoding=encoding)
+        except SMTPRecipientRefused as exc:
+            outcome = Outcome.PERMANENT if exc.code >= 500 else Outcome.TEMPORARY
+            return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
+        except SMTPSenderRefused as exc:
+            outcome = Outcome.REJECTED if exc.code >= 500 else Outcome.TEMPORARY
+            detail = f"the relay refused the sender {message.sender}: {_describe(exc)}"
+            return Delivery(touch, outcome, detail, exc.code), await self._reset(client, exc.code)
+        except SMTPResponseException as exc:
+            outcome = Outcome.REJECTED if exc.code >= 500 else Outcome.TEMPORARY
+            return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
+        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPConnectError, OSError) as exc:
+            # Nothing was handed over before DATA: safe to try again later.
+            return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {_describe(exc)}"), False
+        except SMTPNotSupported as exc:
+            return Delivery(touch, Outcome.REJECTED, _describe(exc)), True
+        try:
+            response = await client.data(message.data)
+        except SMTPDataError as exc:
+            if exc.code >= 500:
+                outcome = Outcome.PERMANENT if _about_the_address(exc.code, exc.message) else Outcome.REJECTED
+            else:
+                outcome = Outcome.TEMPORARY
+            return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
+        except (SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
+            # The relay may have taken the message before the link failed: never guess.
+            return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {_describe(exc)}"), False
+        return Delivery(
+            touch, Outcome.SENT, f"{response.code} {response.message}".strip(), response.code
+        ), True
+
+    async def _reset(self, client: aiosmtplib.SMTP, code: int) -> bool:
+        """Make the connection ready for the next message after a refusal; False if it is not."""
+        if code == 421 or not client.is_connected:
+            return False
+        try:
+            await client.rset()
+        except (SMTPException, OSError, TimeoutError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for client in idle:
+            try:
+                await asyncio.wait_for(client.quit(), 2)
+            except (SMTPException, OSError, TimeoutError):
+                pass
+            finally:
+                client.close()

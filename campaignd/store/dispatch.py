@@ -1,0 +1,452 @@
+"""Dispatch queries: planning, claiming, marking as leaving, and recording answers.
+
+Claiming is written for several daemons sharing one PostgreSQL database: due leads are
+locked with ``FOR UPDATE SKIP LOCKED``, and the unique (lead, tier, step) key on touches
+makes a second touch of one step impossible whatever the timing. Every write that
+depends on a decision (what is due, what a touch does to its lead) asks the pure core in
+``sequences.py`` inside the same transaction, so a decision and its write can never be
+split by another writer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from campaignd import sequences as core
+from campaignd.models import LeadStatus, SuppressionReason, TouchStatus
+from campaignd.store.base import (
+    StoreBase,
+    after_events,
+    executemany_update,
+    leads_t,
+    meta_t,
+    touches_t,
+)
+from campaignd.store.records import (
+    Claim,
+    ClaimPass,
+    LeadRecord,
+    Recorded,
+    Result,
+    TouchRecord,
+    lead_record,
+    touch_record,
+)
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_DETAIL = (
+    "the daemon stopped while this message was being sent; it may or may not have been "
+    "delivered (check, then 'campaignd touches retry ID' to resend)"
+)
+
+
+class DispatchQueries(StoreBase):
+    # -- plan bookkeeping ------------------------------------------------------------------------
+
+    def replan_if_changed(self, fingerprint: str, *, now: datetime) -> int:
+        """When the sequences or rules changed, make every active lead due for re-planning."""
+        with self.engine.begin() as conn:
+            old = conn.execute(sa.select(meta_t.c.value).where(meta_t.c.key == "plan")).scalar()
+            if old == fingerprint:
+                return 0
+            result = conn.execute(
+                sa.update(leads_t)
+                .where(leads_t.c.status == LeadStatus.ACTIVE.value)
+                .values(next_step=None, next_due_at=now)
+            )
+            if old is None:
+                conn.execute(sa.insert(meta_t).values(key="plan", value=fingerprint))
+            else:
+                conn.execute(sa.update(meta_t).where(meta_t.c.key == "plan").values(value=fingerprint))
+            return int(result.rowcount)
+
+    # -- crash recovery ----------------------------------------------------------------------------
+
+    def recover_in_flight(self, *, now: datetime, exclusive: bool) -> list[TouchRecord]:
+        """Mark touches that were on the wire when a daemon died as ``unknown``.
+
+        :param exclusive: True when this daemon is the only one on the database (SQLite):
+            then every ``sending`` touch is orphaned. Otherwise only those whose lease has
+            run out are.
+        """
+        cond = [touches_t.c.status == TouchStatus.SENDING.value]
+        if not exclusive:
+            cond.append(touches_t.c.lease_until < now)
+        with self.engine.begin() as conn:
+            rows = [touch_record(r) for r in conn.execute(sa.select(touches_t).where(*cond))]
+            if rows:
+                ids = [r.id for r in rows]
+                conn.execute(
+                    sa.update(touches_t)
+                    .where(touches_t.c.id.in_(ids), touches_t.c.status == TouchStatus.SENDING.value)
+                    .values(
+                        status=TouchStatus.UNKNOWN.value,
+                        error=UNKNOWN_DETAIL,
+                        lease_until=None,
+                        updated_at=now,
+                    )
+                )
+                conn.execute(
+                    sa.update(leads_t)
+                    .where(leads_t.c.id.in_({r.lead_id for r in rows}))
+                    .values(next_due_at=None, next_step=None, updated_at=now)
+                )
+        return rows
+
+    # -- claiming ---------------------------------------------------------------------------------
+
+    def claim(self, *, policy: core.Policy, now: datetime, limit: int, worker: str) -> ClaimPass:
+        """Claim up to ``limit`` due steps for ``worker`` under a lease.
+
+        Leads that turn out not to be due (not yet, window shut, sequence finished) are
+        rescheduled in the same transaction, so every pass makes progress.
+        """
+        lease_until = now + policy.lease
+        with self.engine.begin() as conn:
+            query = (
+                sa.select(leads_t)
+                .where(leads_t.c.status == LeadStatus.ACTIVE.value, leads_t.c.next_due_at <= now)
+                .order_by(leads_t.c.next_due_at, leads_t.c.id)
+                .limit(limit)
+            )
+            if self.is_postgres:
+                query = query.with_for_update(skip_locked=True, of=leads_t)
+            leads = {r.id: lead_record(r) for r in conn.execute(query)}
+            if not leads:
+                return ClaimPass([], 0)
+            states = self._states(conn, list(leads))
+            wanted: list[tuple[LeadRecord, core.NextTouch]] = []
+            reschedule: list[dict[str, Any]] = []
+            for lead_id, lead in leads.items():
+                decision = core.decide(states[lead_id], policy, now=now)
+                if isinstance(decision, core.Send):
+                    wanted.append((lead, decision.touch))
+                elif isinstance(decision, core.Wait):
+                    step = decision.touch.step.id if decision.touch else None
+                    reschedule.append({"b_id": lead_id, "b_step": step, "b_due": decision.until})
+                else:
+                    reschedule.append({"b_id": lead_id, "b_step": None, "b_due": None})
+            claims: list[Claim] = []
+            if wanted:
+                rows = [
+                    {
+                        "lead_id": lead.id,
+                        "tier": nt.tier,
+                        "step": nt.step.id,
+                        "channel": nt.step.channel.value,
+                        "template": nt.step.template,
+                        "status": TouchStatus.CLAIMED.value,
+                        "attempts": 0,
+                        "claimed_by": worker,
+                        "lease_until": lease_until,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for lead, nt in wanted
+                ]
+                excluded = sa.table("excluded", sa.column("claimed_by"), sa.column("lease_until"))
+                stmt = (
+                    self._insert(touches_t)
+                    .values(rows)
+                    .on_conflict_do_update(
+                        index_elements=["lead_id", "tier", "step"],
+                        set_={
+                            "status": TouchStatus.CLAIMED.value,
+                            "claimed_by": excluded.c.claimed_by,
+                            "lease_until": excluded.c.lease_until,
+                            "updated_at": now,
+                        },
+                        # Only work that never left may be taken again: a retry that is due,
+                        # or a claim whose daemon let its lease run out.
+                        where=sa.or_(
+                            touches_t.c.status == TouchStatus.RETRY.value,
+                            sa.and_(
+                                touches_t.c.status == TouchStatus.CLAIMED.value,
+                                touches_t.c.lease_until < now,
+                            ),
+                        ),
+                    )
+                    .returning(touches_t.c.id, touches_t.c.lead_id, touches_t.c.attempts)
+                )
+                got = {r.lead_id: r for r in conn.execute(stmt)}
+                for lead, nt in wanted:
+                    hit = got.get(lead.id)
+                    if hit is None:
+                        # The slot is taken after all (another daemon, a stale plan):
+                        # look again on the next pass rather than guess.
+                        reschedule.append({"b_id": lead.id, "b_step": None, "b_due": now + policy.lease})
+                        continue
+                    claims.append(Claim(hit.id, lead, nt.tier, nt.step.id, hit.attempts))
+                    reschedule.append({"b_id": lead.id, "b_step": nt.step.id, "b_due": lease_until})
+            if reschedule:
+                conn.execute(
+                    sa.update(leads_t)
+                    .where(leads_t.c.id == sa.bindparam("b_id"))
+                    .values(next_step=sa.bindparam("b_step"), next_due_at=sa.bindparam("b_due")),
+                    reschedule,
+                )
+        return ClaimPass(claims, len(leads) - len(claims))
+
+    def mark_sending(
+        self, touch_ids: Sequence[int], *, worker: str, now: datetime, lease: timedelta
+    ) -> set[int]:
+        """Commit that these touches are about to leave. Only what this returns may be sent."""
+        if not touch_ids:
+            return set()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                sa.update(touches_t)
+                .where(
+                    touches_t.c.id.in_(touch_ids),
+                    touches_t.c.status == TouchStatus.CLAIMED.value,
+                    touches_t.c.claimed_by == worker,
+                )
+                .values(
+                    status=TouchStatus.SENDING.value,
+                    attempts=touches_t.c.attempts + 1,
+                    lease_until=now + lease,
+                    updated_at=now,
+                )
+                .returning(touches_t.c.id)
+            )
+            return set(rows.scalars())
+
+    def release(
+        self, touch_ids: Sequence[int], *, worker: str, now: datetime, retry_at: datetime | None = None
+    ) -> int:
+        """Give back claimed work that never started to leave (on shutdown, or when its
+        channel went down), due again at ``retry_at`` (default: at once)."""
+        if not touch_ids:
+            return 0
+        with self.engine.begin() as conn:
+            rows = (
+                conn.execute(
+                    sa.update(touches_t)
+                    .where(
+                        touches_t.c.id.in_(touch_ids),
+                        touches_t.c.status == TouchStatus.CLAIMED.value,
+                        touches_t.c.claimed_by == worker,
+                    )
+                    .values(lease_until=now, updated_at=now)
+                    .returning(touches_t.c.lead_id)
+                )
+                .scalars()
+                .all()
+            )
+            if rows:
+                conn.execute(
+                    sa.update(leads_t).where(leads_t.c.id.in_(rows)).values(next_due_at=retry_at or now)
+                )
+            return len(rows)
+
+    # -- recording answers -----------------------------------------------------------------------
+
+    def record(
+        self,
+        results: Sequence[Result],
+        *,
+        policy: core.Policy,
+        now: datetime,
+        max_attempts: int,
+        backoff: timedelta,
+        backoff_max: timedelta,
+    ) -> list[Recorded]:
+        """Record what happened to claimed touches, and what each answer does to its lead.
+
+        ``sent`` counts the touch (promotion, flag) and plans the next step;
+        ``temporary`` schedules a retry with exponential backoff until ``max_attempts``;
+        ``permanent`` fails the touch and suppresses the address (a hard bounce);
+        ``rejected`` and ``render`` fail the touch only; ``unknown`` holds the lead for the
+        operator; ``skipped`` moves on to the next step; ``pending`` leaves a direct-mail
+        piece waiting for its print batch.
+        """
+        if not results:
+            return []
+        by_id = {r.touch_id: r for r in results}
+        out: list[Recorded] = []
+        with self.engine.begin() as conn:
+            touch_rows = {
+                t.id: t for t in conn.execute(sa.select(touches_t).where(touches_t.c.id.in_(list(by_id))))
+            }
+            lead_ids = sorted({t.lead_id for t in touch_rows.values()})
+            self._lock_leads(conn, lead_ids)
+            states = self._states(conn, lead_ids)
+            emails = dict(
+                conn.execute(sa.select(leads_t.c.id, leads_t.c.email).where(leads_t.c.id.in_(lead_ids))).all()
+            )
+            touch_updates: list[dict[str, Any]] = []
+            lead_updates: list[dict[str, Any]] = []
+            events: list[dict[str, Any]] = []
+            for touch_id, result in by_id.items():
+                t = touch_rows.get(touch_id)
+                # Work that never reached a channel (it could not be rendered) or that no
+                # wire was involved in (a letter queued for print) may come from 'claimed'.
+                allowed = {TouchStatus.SENDING.value}
+                if result.outcome in ("render", "rejected", "skipped", "pending"):
+                    allowed.add(TouchStatus.CLAIMED.value)
+                if t is None or t.status not in allowed:
+                    logger.warning(
+                        "touch %s is %s, not sending; result %s ignored",
+                        touch_id,
+                        t.status if t else "missing",
+                        result.outcome,
+                    )
+                    continue
+                state = states[t.lead_id]
+                # The lead as the core sees it without this touch, which is being settled.
+                base = replace(
+                    state,
+                    touches=tuple(v for v in state.touches if not (v.tier == t.tier and v.step == t.step)),
+                )
+                email = emails[t.lead_id]
+                upd: dict[str, Any] = {
+                    "b_id": t.id,
+                    "lease_until": None,
+                    "updated_at": now,
+                    "error": result.detail or None,
+                    "next_attempt_at": None,
+                    "message_id": result.message_id or t.message_id,
+                    "sent_at": None,
+                }
+                outcome = result.outcome
+                if outcome == "sent":
+                    after = core.apply_touch(base, policy, at=now, tier=t.tier, step=t.step)
+                    new_state = core.with_touch(base, after, core.TouchView(t.tier, t.step, "sent", now))
+                    nxt = core.next_touch(new_state, policy)
+                    upd |= {"status": TouchStatus.SENT.value, "sent_at": now, "error": None}
+                    lead_upd: dict[str, Any] = {
+                        "b_id": t.lead_id,
+                        "touch_count": after.touch_count,
+                        "tier": after.tier,
+                        "tier_since": after.tier_since,
+                        "status": after.status,
+                        "last_touch_at": after.last_touch_at,
+                        "next_step": nxt.step.id if nxt else None,
+                        "next_due_at": nxt.due_at if nxt else None,
+                        "updated_at": now,
+                    }
+                    if after.flagged:
+                        lead_upd |= {"flagged_at": after.flagged_at, "flag_reason": after.flag_reason}
+                    lead_updates.append(lead_upd)
+                    events += after_events(t.lead_id, after)
+                    states[t.lead_id] = new_state
+                    out.append(
+                        Recorded(
+                            t.id,
+                            email,
+                            t.tier,
+                            t.step,
+                            "sent",
+                            after.touch_count,
+                            after.promoted,
+                            after.flagged,
+                        )
+                    )
+                elif outcome == "temporary" and t.attempts < max_attempts:
+                    delay = min(backoff * (2 ** max(t.attempts - 1, 0)), backoff_max)
+                    retry_at = now + delay
+                    upd |= {"status": TouchStatus.RETRY.value, "next_attempt_at": retry_at}
+                    lead_updates.append(
+                        {"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at, "updated_at": now}
+                    )
+                    out.append(
+                        Recorded(
+                            t.id, email, t.tier, t.step, "retry", retry_at=retry_at, detail=result.detail
+                        )
+                    )
+                elif outcome == "unavailable":
+                    # The channel was down: this message was never tried, so no attempt is spent.
+                    retry_at = now + (result.retry_after or timedelta(seconds=30))
+                    upd |= {
+                        "status": TouchStatus.RETRY.value,
+                        "next_attempt_at": retry_at,
+                        "attempts": max(t.attempts - 1, 0),
+                    }
+                    lead_updates.append(
+                        {"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at, "updated_at": now}
+                    )
+                    out.append(
+                        Recorded(
+                            t.id,
+                            email,
+                            t.tier,
+                            t.step,
+                            "unavailable",
+                            retry_at=retry_at,
+                            detail=result.detail,
+                        )
+                    )
+                elif outcome == "permanent":
+                    upd |= {"status": TouchStatus.FAILED.value}
+                    added = self._suppress(conn, email, SuppressionReason.BOUNCED, result.detail, now)
+                    self._stop_suppressed_lead(
+                        conn, t.lead_id, SuppressionReason.BOUNCED, result.detail, now, new=added
+                    )
+                    out.append(Recorded(t.id, email, t.tier, t.step, "bounced", detail=result.detail))
+                elif outcome in ("skipped", "pending"):
+                    status = TouchStatus.SKIPPED if outcome == "skipped" else TouchStatus.PENDING
+                    new_state = replace(
+                        base, touches=(*base.touches, core.TouchView(t.tier, t.step, status.value, now))
+                    )
+                    nxt = core.next_touch(new_state, policy) if outcome == "skipped" else None
+                    upd |= {"status": status.value}
+                    lead_updates.append(
+                        {
+                            "b_id": t.lead_id,
+                            "next_step": nxt.step.id if nxt else None,
+                            "next_due_at": nxt.due_at if nxt else None,
+                            "updated_at": now,
+                        }
+                    )
+                    states[t.lead_id] = new_state
+                    out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
+                else:
+                    status = TouchStatus.UNKNOWN if outcome == "unknown" else TouchStatus.FAILED
+                    upd |= {"status": status.value}
+                    lead_updates.append(
+                        {"b_id": t.lead_id, "next_step": None, "next_due_at": None, "updated_at": now}
+                    )
+                    out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
+                touch_updates.append(upd)
+            executemany_update(conn, touches_t, touch_updates)
+            executemany_update(conn, leads_t, lead_updates)
+            self._events(conn, events)
+        return out
+
+    def retry_touches(self, touch_ids: Sequence[int], *, now: datetime) -> list[TouchRecord]:
+        """Re-queue ``unknown`` or ``failed`` touches after the operator has checked them."""
+        with self.engine.begin() as conn:
+            rows = [
+                touch_record(r)
+                for r in conn.execute(
+                    sa.select(touches_t).where(
+                        touches_t.c.id.in_(touch_ids),
+                        touches_t.c.status.in_([TouchStatus.UNKNOWN.value, TouchStatus.FAILED.value]),
+                        touches_t.c.step.is_not(None),
+                    )
+                )
+            ]
+            if rows:
+                conn.execute(
+                    sa.update(touches_t)
+                    .where(touches_t.c.id.in_([r.id for r in rows]))
+                    .values(status=TouchStatus.RETRY.value, next_attempt_at=now, attempts=0, updated_at=now)
+                )
+                conn.execute(
+                    sa.update(leads_t)
+                    .where(leads_t.c.id.in_({r.lead_id for r in rows}))
+                    .values(next_due_at=now, updated_at=now)
+                )
+        return rows
+
+    def get_touch(self, touch_id: int) -> TouchRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(touches_t).where(touches_t.c.id == touch_id)).first()
+        return None if row is None else touch_record(row)
