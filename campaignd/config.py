@@ -338,6 +338,19 @@ class Unsubscribe(_Strict):
         return value.rstrip("/")
 
 
+class DigestSettings(_Strict):
+    """The flagged-lead digest the sales side reviews."""
+
+    schedule: str = "0 8 * * mon-fri"
+    """When the daemon sends it: a cron expression (minute hour day month weekday)."""
+    timezone: TimeZoneName | None = None
+    """The schedule's time zone; the business's ``timezone`` when unset."""
+    recipients: tuple[str, ...] = ()
+    """Who receives it; no recipients, no scheduled digest."""
+    send_empty: bool = False
+    """Send a digest even when no lead was flagged since the last one."""
+
+
 class Logging(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -362,6 +375,7 @@ class Settings(_Strict):
     outbox: Outbox = Outbox()
     print: PrintSettings = PrintSettings()
     unsubscribe: Unsubscribe = Unsubscribe()
+    digest: DigestSettings = DigestSettings()
     logging: Logging = Logging()
     campaign: dict[str, Any] = {}
     """Free-form data for templates: offers, seminar dates, booking links."""

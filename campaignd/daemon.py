@@ -33,6 +33,7 @@ from campaignd.engine import Dispatcher, PassReport, utcnow
 from campaignd.exceptions import CampaigndError
 from campaignd.render import Renderer
 from campaignd.sequences import Policy
+from campaignd.services import Service, ServiceContext, build_services
 from campaignd.store import Store
 from campaignd.systemd import Notifier, watchdog_interval
 from campaignd.unsubscribe import Signer, load_keys
@@ -99,7 +100,8 @@ class Daemon:
         self.ticking = asyncio.Lock()
         self.last: PassReport | None = None
         self.totals = PassReport()
-        self._reload_requested = False
+        self.services: list[Service] = []
+        self._started: list[Service] = []
 
     def run(self) -> int:
         return asyncio.run(self.main())
@@ -173,7 +175,17 @@ class Daemon:
                 self._watchdog, "interval", seconds=watchdog, id="watchdog", coalesce=True, max_instances=1
             )
         scheduler.start()
+        self.scheduler = scheduler
         self._last_progress = time.monotonic()
+        self.services = build_services(self.settings)
+        try:
+            for service in self.services:
+                await service.start(self._context())
+                self._started.append(service)
+        except BaseException:
+            scheduler.shutdown(wait=False)
+            await self._stop_services()
+            raise
         logger.info(
             "campaignd started: %s, dispatch every %ss, email via %s",
             self._describe_db(),
@@ -203,10 +215,28 @@ class Daemon:
                     bound,
                 )
             scheduler.shutdown(wait=False)
+            await self._stop_services()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         logger.info("campaignd stopped: %s", self.totals.summary())
         return 0
+
+    def _context(self) -> ServiceContext:
+        return ServiceContext(
+            settings=self.settings,
+            store=self.store,
+            scheduler=self.scheduler,
+            channels=self.dispatcher.channels,
+            clock=self.clock,
+        )
+
+    async def _stop_services(self) -> None:
+        while self._started:
+            service = self._started.pop()
+            try:
+                await service.stop()
+            except Exception as exc:
+                logger.error("stopping %s failed: %s", service.name, exc)
 
     def _describe_db(self) -> str:
         url = self.settings.database_url
@@ -239,6 +269,8 @@ class Daemon:
             n = await asyncio.to_thread(
                 self.store.replan_if_changed, Policy.from_settings(settings).fingerprint(), now=self.clock()
             )
+            for service in self._started:
+                await service.reload(self._context())
         logger.info("reloaded%s", f"; re-planning {n} active leads" if n else "")
         self.notifier.ready("reloaded")
         return True

@@ -1,0 +1,56 @@
+"""Services: the parts of the daemon that run beside the dispatcher.
+
+The unsubscribe endpoint, the flagged-lead digest and the print batches each implement
+:class:`Service`. The daemon starts them after its start-up checks (before telling
+systemd it is ready), hands them the new configuration on reload, and stops them on
+shutdown. A service that needs a schedule adds jobs with fixed ids to the daemon's one
+APScheduler; all of its state lives in the database, like the dispatcher's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from campaignd.channels import Channel
+from campaignd.config import Settings
+from campaignd.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceContext:
+    """What a service may use.
+
+    :param settings: the configuration in force (a new context comes with each reload).
+    :param store: the database.
+    :param scheduler: the daemon's APScheduler (3.x ``AsyncIOScheduler``).
+    :param channels: the daemon's channels by kind (``email``, ``mail``).
+    :param clock: the wall clock; read it once per job run and pass the time down.
+    """
+
+    settings: Settings
+    store: Store
+    scheduler: Any
+    channels: dict[str, Channel]
+    clock: Callable[[], datetime]
+
+
+class Service(Protocol):
+    name: str
+
+    async def start(self, ctx: ServiceContext) -> None:
+        """Start; raise :class:`campaignd.exceptions.CampaigndError` to stop the daemon's start-up."""
+
+    async def reload(self, ctx: ServiceContext) -> None:
+        """Take the new configuration in ``ctx``."""
+
+    async def stop(self) -> None:
+        """Stop within a few seconds; nothing may be lost."""
+
+
+def build_services(settings: Settings) -> list[Service]:
+    """The services this configuration asks for, in start order."""
+    services: list[Service] = []
+    return services
