@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -101,6 +102,7 @@ class Daemon:
         self.last: PassReport | None = None
         self.totals = PassReport()
         self.services: list[Service] = []
+        self._last_progress = time.monotonic()
         self._started: list[Service] = []
 
     def run(self) -> int:
@@ -228,7 +230,20 @@ class Daemon:
             scheduler=self.scheduler,
             channels=self.dispatcher.channels,
             clock=self.clock,
+            health=self.health,
         )
+
+    def health(self) -> dict[str, Any]:
+        """Whether the dispatch loop is alive, and what it did last."""
+        interval = self.settings.dispatch.interval.total_seconds()
+        idle = time.monotonic() - self._last_progress
+        stalled = self.ticking.locked() and idle > max(interval * 3, 120)
+        return {
+            "status": "stalled" if stalled else "ok",
+            "seconds_since_last_pass": round(idle, 1),
+            "last_pass": self.last.summary() if self.last else None,
+            "sent_since_start": self.totals.sent,
+        }
 
     async def _stop_services(self) -> None:
         while self._started:

@@ -28,6 +28,8 @@ class ServiceContext:
     :param scheduler: the daemon's APScheduler (3.x ``AsyncIOScheduler``).
     :param channels: the daemon's channels by kind (``email``, ``mail``).
     :param clock: the wall clock; read it once per job run and pass the time down.
+    :param health: the daemon's own view of its health, for monitoring: whether the
+        dispatch loop is making progress, the last pass and its summary.
     """
 
     settings: Settings
@@ -35,6 +37,7 @@ class ServiceContext:
     scheduler: Any
     channels: dict[str, Channel]
     clock: Callable[[], datetime]
+    health: Callable[[], dict[str, Any]]
 
 
 class Service(Protocol):

@@ -255,6 +255,21 @@ def leads_unflag(email: str) -> None:
     out(f"{lead.email} unflagged; its sequence continues")
 
 
+@leads_app.command("converted")
+def leads_converted(
+    email: str,
+    note: Annotated[str, typer.Option(help="What was sold, or how it closed.")] = "",
+) -> None:
+    """Record that a lead became a customer: it leaves the drip and the digests for good."""
+    lead = _change(
+        email,
+        LeadStatus.CONVERTED,
+        expect=[LeadStatus.FLAGGED, LeadStatus.ACTIVE, LeadStatus.PAUSED],
+        reason=note or "converted",
+    )
+    out(f"{lead.email} marked as converted")
+
+
 # -- touches -------------------------------------------------------------------------------------------
 
 

@@ -6,13 +6,17 @@ concern, one module each, and :class:`Store` combines the groups:
 
 - ``leads``: importing, reading, changes by hand, the suppression list;
 - ``dispatch``: planning, claiming, marking as leaving, recording answers, recovery;
-- ``reports``: what ``campaignd status`` shows.
+- ``reports``: what ``campaignd status`` shows;
+- ``digest``: the flagged-lead digest and its runs;
+- ``mail``: direct-mail print batches.
 """
 
 from __future__ import annotations
 
+from campaignd.store.digest import DigestQueries
 from campaignd.store.dispatch import DispatchQueries
 from campaignd.store.leads import CONTACT_FIELDS, LeadQueries
+from campaignd.store.mail import MailQueries
 from campaignd.store.records import (
     Claim,
     ClaimPass,
@@ -29,7 +33,7 @@ from campaignd.store.records import (
 from campaignd.store.reports import ReportQueries
 
 
-class Store(LeadQueries, DispatchQueries, ReportQueries):
+class Store(LeadQueries, DispatchQueries, ReportQueries, DigestQueries, MailQueries):
     """All reads and writes of the lead database.
 
     :param engine: a SQLAlchemy engine from :func:`campaignd.database.create_engine`.
