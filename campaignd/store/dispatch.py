@@ -70,11 +70,13 @@ class DispatchQueries(StoreBase):
     # -- crash recovery ----------------------------------------------------------------------------
 
     def recover_in_flight(self, *, now: datetime, exclusive: bool) -> list[TouchRecord]:
-        """Mark touches that were on the wire when a daemon died as ``unknown``.
+        """Settle the work of daemons that died: what was on the wire becomes ``unknown``.
 
-        :param exclusive: True when this daemon is the only one on the database (SQLite):
-            then every ``sending`` touch is orphaned. Otherwise only those whose lease has
-            run out are.
+        :param exclusive: True when this daemon is the only one on the database (SQLite,
+            at start-up): every ``sending`` touch is then orphaned, and work that was only
+            claimed is given back at once instead of after its lease. Otherwise only
+            touches whose lease has run out are orphaned; claims expire by themselves.
+        :returns: the touches now ``unknown``.
         """
         cond = [touches_t.c.status == TouchStatus.SENDING.value]
         if not exclusive:
@@ -97,6 +99,20 @@ class DispatchQueries(StoreBase):
                     sa.update(leads_t)
                     .where(leads_t.c.id.in_({r.lead_id for r in rows}))
                     .values(next_due_at=None, next_step=None, updated_at=now)
+                )
+            if exclusive:
+                claimed = sa.select(touches_t.c.lead_id).where(
+                    touches_t.c.status == TouchStatus.CLAIMED.value
+                )
+                conn.execute(
+                    sa.update(leads_t)
+                    .where(leads_t.c.id.in_(claimed), leads_t.c.status == LeadStatus.ACTIVE.value)
+                    .values(next_due_at=now)
+                )
+                conn.execute(
+                    sa.update(touches_t)
+                    .where(touches_t.c.status == TouchStatus.CLAIMED.value)
+                    .values(lease_until=now, updated_at=now)
                 )
         return rows
 

@@ -1,0 +1,157 @@
+"""The SMTP channel against a real SMTP server: what each answer of the relay means."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from campaignd.channels import Outcome, Outgoing
+from campaignd.config import Smtp
+from campaignd.mailer import SmtpChannel, envelope_address
+from tests.smtp import SmtpServer
+
+
+@pytest.fixture
+def smtpd() -> Iterator[SmtpServer]:
+    with SmtpServer() as server:
+        yield server
+
+
+def channel(server: SmtpServer, **settings: object) -> SmtpChannel:
+    values: dict[str, object] = {"host": "127.0.0.1", "port": server.port, "tls": "none", "timeout": "2s"}
+    values.update(settings)
+    return SmtpChannel(settings=Smtp.model_validate(values))
+
+
+def message(n: int, recipient: str | None = None) -> Outgoing:
+    to = recipient or f"lead{n}@example.com"
+    data = f"From: a@harborhome.example\r\nTo: {to}\r\nSubject: {n}\r\nMessage-ID: <{n}@x>\r\n\r\nbody {n}\r\n"
+    return Outgoing(n, "hello@harborhome.example", to, data.encode(), f"<{n}@x>")
+
+
+async def send_all(ch: SmtpChannel, messages: list[Outgoing], workers: int = 1) -> list[Outcome]:
+    queue = list(messages)
+    results: dict[int, Outcome] = {}
+
+    async def work() -> None:
+        while queue:
+            msg = queue.pop(0)
+            results[msg.touch_id] = (await ch.send(msg)).outcome
+
+    await ch.open()
+    try:
+        await asyncio.gather(*(work() for _ in range(workers)))
+    finally:
+        await ch.close()
+    return [results[m.touch_id] for m in messages]
+
+
+async def test_messages_go_over_a_few_reused_connections(smtpd: SmtpServer) -> None:
+    outcomes = await send_all(channel(smtpd, connections=3), [message(n) for n in range(30)], workers=3)
+    assert outcomes == [Outcome.SENT] * 30
+    assert sorted(r.recipients[0] for r in smtpd.received) == sorted(f"lead{n}@example.com" for n in range(30))
+    assert smtpd.connections <= 3
+
+
+async def test_a_hard_bounce_is_permanent_and_the_connection_goes_on(smtpd: SmtpServer) -> None:
+    smtpd.faults.rcpt["gone@example.com"] = "550 5.1.1 no such user"
+    outcomes = await send_all(
+        channel(smtpd), [message(1), message(2, "gone@example.com"), message(3)]
+    )
+    assert outcomes == [Outcome.SENT, Outcome.PERMANENT, Outcome.SENT]
+    assert smtpd.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("stage", "answer", "expected"),
+    [
+        ("rcpt", "452 4.5.3 too many recipients", Outcome.TEMPORARY),
+        ("rcpt", "450 4.2.1 rate limited, slow down", Outcome.TEMPORARY),
+        ("mail", "451 4.3.0 try again later", Outcome.TEMPORARY),
+        ("mail", "553 5.7.1 sender not allowed", Outcome.REJECTED),
+        ("data", "451 4.3.0 local error", Outcome.TEMPORARY),
+        ("data", "554 5.7.1 message rejected as spam", Outcome.REJECTED),
+        ("data", "550 5.1.1 mailbox unknown", Outcome.PERMANENT),
+        ("data", "552 5.2.1 mailbox disabled", Outcome.PERMANENT),
+    ],
+)
+async def test_each_refusal_is_classified(smtpd: SmtpServer, stage: str, answer: str, expected: Outcome) -> None:
+    getattr(smtpd.faults, f"next_{stage}").append(answer)
+    outcomes = await send_all(channel(smtpd), [message(1), message(2)])
+    assert outcomes == [expected, Outcome.SENT]
+    assert [r.recipients[0] for r in smtpd.received] == ["lead2@example.com"]
+
+
+async def test_a_421_closes_the_link_and_the_next_message_reconnects(smtpd: SmtpServer) -> None:
+    smtpd.faults.next_mail.append("421 4.3.2 service shutting down")
+    outcomes = await send_all(channel(smtpd), [message(1), message(2)])
+    assert outcomes == [Outcome.TEMPORARY, Outcome.SENT]
+    assert smtpd.connections == 2
+
+
+async def test_a_link_dropped_before_the_data_is_temporary(smtpd: SmtpServer) -> None:
+    smtpd.faults.next_rcpt.append("drop")
+    outcomes = await send_all(channel(smtpd), [message(1), message(2)])
+    assert outcomes == [Outcome.TEMPORARY, Outcome.SENT]
+    assert [r.recipients[0] for r in smtpd.received] == ["lead2@example.com"]
+
+
+async def test_a_link_dropped_after_the_data_is_unknown(smtpd: SmtpServer) -> None:
+    smtpd.faults.drop_after_data = 1
+    outcomes = await send_all(channel(smtpd), [message(1), message(2)])
+    # The server took message 1 but never said so: it must not be retried automatically.
+    assert outcomes == [Outcome.UNKNOWN, Outcome.SENT]
+    assert len(smtpd.received) == 2
+
+
+async def test_a_relay_that_stalls_past_the_timeout_leaves_the_message_unknown(smtpd: SmtpServer) -> None:
+    smtpd.faults.stall_data = 3
+    [outcome] = await send_all(channel(smtpd, timeout="1s"), [message(1)])
+    assert outcome == Outcome.UNKNOWN
+
+
+async def test_a_relay_that_is_down_is_unavailable(smtpd: SmtpServer) -> None:
+    port = smtpd.port
+    smtpd.stop()
+    ch = SmtpChannel(settings=Smtp(host="127.0.0.1", port=port, tls="none", timeout=timedelta(seconds=2)))
+    [outcome] = await send_all(ch, [message(1)])
+    assert outcome == Outcome.UNAVAILABLE
+
+
+async def test_a_connection_dropped_while_idle_is_replaced_without_losing_the_message(
+    smtpd: SmtpServer,
+) -> None:
+    ch = channel(smtpd)
+    await ch.open()
+    assert (await ch.send(message(1))).outcome == Outcome.SENT
+    # The relay restarts between two messages: the pooled connection is dead.
+    smtpd.stop()
+    smtpd.start()
+    assert (await ch.send(message(2))).outcome == Outcome.SENT
+    await ch.close()
+    assert [r.recipients[0] for r in smtpd.received] == ["lead1@example.com", "lead2@example.com"]
+
+
+async def test_the_rate_limit_spaces_messages(smtpd: SmtpServer) -> None:
+    started = time.monotonic()
+    outcomes = await send_all(channel(smtpd, rate=20, connections=2), [message(n) for n in range(11)], workers=2)
+    assert outcomes == [Outcome.SENT] * 11
+    # 11 messages at 20 per second cannot leave in less than 10 intervals of 50 ms.
+    assert time.monotonic() - started >= 0.5
+
+
+async def test_an_internationalised_domain_goes_out_in_its_ascii_form(smtpd: SmtpServer) -> None:
+    assert envelope_address("zoe@exämple.de") == ("zoe@xn--exmple-cua.de", False)
+    outcomes = await send_all(channel(smtpd), [message(1, "zoe@exämple.de")])
+    assert outcomes == [Outcome.SENT]
+    assert smtpd.received[0].recipients == ("zoe@xn--exmple-cua.de",)
+
+
+async def test_a_non_ascii_mailbox_needs_smtputf8(smtpd: SmtpServer) -> None:
+    assert envelope_address("zoë@example.com") == ("zoë@example.com", True)
+    outcomes = await send_all(channel(smtpd), [message(1, "zoë@example.com")])
+    assert outcomes == [Outcome.REJECTED]
