@@ -16,7 +16,7 @@ import json
 import os
 import re
 import tomllib
-from datetime import time, timedelta
+from datetime import datetime, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -193,6 +194,17 @@ class Tier(StrEnum):
 _STEP_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
+def _event_name(value: str) -> str:
+    if not _STEP_ID.match(value):
+        raise ValueError(
+            f"event name {value!r} must be lower-case letters, digits, '-' or '_', such as 'winter-seminar'"
+        )
+    return value
+
+
+EventName = Annotated[str, AfterValidator(_event_name)]
+
+
 class Step(_Strict):
     """One touch in a tier's sequence."""
 
@@ -201,6 +213,9 @@ class Step(_Strict):
     template: str
     delay: Duration = timedelta(0)
     window: Window | None = None
+    event: EventName | None = None
+    """An event under ``[events]`` this step is about: its templates see it as ``event``, and
+    an email carries it as an ``.ics`` invitation the recipient adds to their calendar."""
 
     @model_validator(mode="after")
     def _default_id(self) -> Step:
@@ -220,6 +235,69 @@ class Step(_Strict):
         if not value or value.startswith("/") or ".." in value.split("/"):
             raise ValueError("a template is a path inside the templates folder, such as 'cold/01-intro'")
         return value
+
+
+class Event(_Strict):
+    """A dated event, such as a seminar or a training session, that invitations announce.
+
+    ``start`` and ``end`` are wall-clock times (TOML local date-times, without an offset)
+    in the event's ``timezone``, the business's ``timezone`` when unset. The calendar
+    entry keeps one UID for as long as the event keeps its name, so a corrected invitation
+    updates the entry recipients already added; raise ``sequence`` when you change the
+    date, time or place of an event that has been announced.
+    """
+
+    title: str
+    start: datetime
+    end: datetime | None = None
+    duration: Duration | None = None
+    """Instead of ``end``: how long it lasts (``90m``, ``2h``)."""
+    timezone: TimeZoneName | None = None
+    location: str = ""
+    """The venue, as it should appear in the calendar (name and street address)."""
+    url: str = ""
+    """Where to book a seat or read more."""
+    description: str = ""
+    uid: str = ""
+    """The calendar UID; by default derived from the event's name and the sender's domain."""
+    sequence: int = Field(default=0, ge=0, le=100_000)
+    """The calendar revision: raise it after changing the date, time or place."""
+
+    @field_validator("title", "location", "uid")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        if any(c in value for c in "\r\n\0"):
+            raise ValueError("must be a single line")
+        return value.strip()
+
+    @field_validator("start", "end")
+    @classmethod
+    def _local_time(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            raise ValueError(
+                "write the local time without an offset (2027-01-14T18:30:00) and set the event's timezone"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip()
+        if value and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _span(self) -> Event:
+        if not self.title:
+            raise ValueError("an event needs a title")
+        if (self.end is None) == (self.duration is None):
+            raise ValueError("give an event either an end or a duration")
+        if self.end is None and self.duration is not None:
+            object.__setattr__(self, "end", self.start + self.duration)
+        if self.end is not None and self.end <= self.start:
+            raise ValueError("an event must end after it starts")
+        return self
 
 
 class Sequence(_Strict):
@@ -323,11 +401,27 @@ class Database(_Strict):
 
 
 class Unsubscribe(_Strict):
+    """The unsubscribe links in every marketing email, and the endpoint that honours them.
+
+    The daemon serves the endpoint itself on ``listen``; the operator's reverse proxy
+    terminates TLS and forwards ``base_url`` to it (see ``docs/unsubscribe.md``).
+    """
+
     base_url: str = "http://localhost:8025"
     """Public URL under which the unsubscribe endpoint is reachable."""
     mailto: str = ""
+    """A mailbox for ``mailto:`` unsubscribes in the List-Unsubscribe header (read by a person for now)."""
     secret_key: SecretStr = SecretStr("")
     previous_secret_key: SecretStr = SecretStr("")
+    listen: str = ""
+    """Where the daemon serves the endpoint, ``HOST:PORT`` (``127.0.0.1:8025``); empty: not served.
+
+    Port 0 takes a free port (the log says which); only useful for tests.
+    """
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    """Addresses or networks of reverse proxies whose ``X-Forwarded-For`` names the client."""
+    rate_limit: int = Field(default=120, ge=0, le=1_000_000)
+    """Requests per minute per client address (bursts up to the same number); 0: no limit."""
 
     @field_validator("base_url")
     @classmethod
@@ -335,20 +429,216 @@ class Unsubscribe(_Strict):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{value!r} is not an http(s) URL")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: the base URL cannot have a query or a fragment")
         return value.rstrip("/")
+
+    @field_validator("mailto")
+    @classmethod
+    def _mailbox(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower().startswith("mailto:"):
+            value = value[len("mailto:") :]
+        if value and (value.count("@") != 1 or any(c in value for c in "\r\n\0 <>,?;\"'")):
+            raise ValueError(f"{value!r} is not a plain email address such as 'unsubscribe@example.com'")
+        return value
+
+    @field_validator("secret_key", "previous_secret_key")
+    @classmethod
+    def _key_length(cls, value: SecretStr) -> SecretStr:
+        # A short key can be guessed offline from one signed link; 32 characters of
+        # 'openssl rand -base64 32' carry far more than the 128 bits a signature needs.
+        if value.get_secret_value() and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "a signing key needs at least 32 characters; make one with 'openssl rand -base64 32'"
+            )
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            Unsubscribe.parse_listen(value)
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, value: object) -> object:
+        import ipaddress
+
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ValueError("expected a list of addresses or networks such as ['127.0.0.1', '10.0.0.0/8']")
+        out = []
+        for item in items:
+            try:
+                out.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network such as '10.0.0.0/8'") from None
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _rotation(self) -> Unsubscribe:
+        if self.previous_secret_key.get_secret_value() and not self.secret_key.get_secret_value():
+            raise ValueError(
+                "previous_secret_key is set but secret_key is not: rotation needs the new key "
+                "in secret_key and the old one in previous_secret_key"
+            )
+        return self
+
+    @property
+    def listen_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` to serve the endpoint on, or None when it is not served."""
+        return Unsubscribe.parse_listen(self.listen) if self.listen else None
+
+    @property
+    def base_path(self) -> str:
+        """The path part of ``base_url`` (``/campaignd``), empty at the root."""
+        return urlsplit(self.base_url).path.rstrip("/")
+
+    @staticmethod
+    def parse_listen(value: str) -> tuple[str, int]:
+        """``127.0.0.1:8025``, ``[::1]:8025`` or ``localhost:8025`` into ``(host, port)``."""
+        host, sep, port_text = value.strip().rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"{value!r}: write an IPv6 address in brackets, such as '[::1]:8025'")
+        if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+            raise ValueError(f"{value!r} is not HOST:PORT, such as '127.0.0.1:8025'")
+        if any(c.isspace() or c in "/[]" for c in host):
+            raise ValueError(f"{value!r}: {host!r} is not a host name or address")
+        return host, int(port_text)
 
 
 class DigestSettings(_Strict):
     """The flagged-lead digest the sales side reviews."""
 
     schedule: str = "0 8 * * mon-fri"
-    """When the daemon sends it: a cron expression (minute hour day month weekday)."""
+    """When the daemon sends it: a cron expression (minute hour day month weekday) in the
+    digest's time zone. Weekdays are names (``mon-fri``) or numbers as in crontab (0 and 7
+    are Sunday). An optional sixth field in front gives seconds."""
     timezone: TimeZoneName | None = None
     """The schedule's time zone; the business's ``timezone`` when unset."""
     recipients: tuple[str, ...] = ()
-    """Who receives it; no recipients, no scheduled digest."""
+    """Who receives it (``sales@example.com`` or ``Sales <sales@example.com>``); no
+    recipients, no scheduled digest."""
     send_empty: bool = False
     """Send a digest even when no lead was flagged since the last one."""
+    email_leads: int = Field(default=25, ge=1, le=500)
+    """The email lists at most this many leads, newest flag first, and says how many more
+    there are; the attached CSV always holds every one. This keeps the email small enough
+    for mail clients to show it whole (Gmail cuts messages over about 100 kB)."""
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        from datetime import UTC, datetime
+
+        from apscheduler.triggers.cron import CronTrigger
+
+        value = " ".join(value.split())
+        try:
+            trigger = CronTrigger(**cls.cron_fields(value), timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a valid schedule: {exc}") from None
+        if trigger.get_next_fire_time(None, datetime(2000, 1, 1, tzinfo=UTC)) is None:
+            raise ValueError(f"{value!r} never happens (check the day and month)")
+        return value
+
+    @field_validator("recipients", mode="before")
+    @classmethod
+    def _split_recipients(cls, value: object) -> object:
+        # One string from the environment: CAMPAIGND_DIGEST__RECIPIENTS="a@x.com, b@y.com".
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipients(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from email.headerregistry import Address
+        from email.utils import parseaddr
+
+        from email_validator import EmailNotValidError, validate_email
+
+        out: dict[str, str] = {}
+        for item in value:
+            name, addr = parseaddr(item.strip())
+            try:
+                if not addr or any(c in item for c in "\r\n\0"):
+                    raise EmailNotValidError("expected an address such as sales@example.com")
+                checked = validate_email(addr, check_deliverability=False, globally_deliverable=False)
+            except EmailNotValidError as exc:
+                raise ValueError(f"{item!r} is not an email address: {exc}") from None
+            name = " ".join(name.split())
+            # Address() quotes a display name that needs it ("Doe, Jane" <jane@example.com>).
+            text = (
+                str(Address(display_name=name, addr_spec=checked.normalized)) if name else checked.normalized
+            )
+            out.setdefault(checked.normalized.lower(), text)
+        return tuple(out.values())
+
+    @staticmethod
+    def cron_fields(expression: str) -> dict[str, str]:
+        """The schedule as APScheduler 3 ``CronTrigger`` fields.
+
+        Weekday numbers follow crontab (0 and 7 are Sunday), but APScheduler 3 counts from
+        Monday, so weekdays are handed over as names. Raises ValueError with the reason.
+        """
+        aliases = {
+            "@hourly": "0 * * * *",
+            "@daily": "0 0 * * *",
+            "@weekly": "0 0 * * sun",
+            "@monthly": "0 0 1 * *",
+            "@yearly": "0 0 1 1 *",
+        }
+        parts = aliases.get(expression.strip().lower(), expression).split()
+        if len(parts) == 5:
+            parts = ["0", *parts]
+        if len(parts) != 6:
+            raise ValueError(
+                f"expected five fields (minute hour day month weekday), such as '0 8 * * mon-fri'; "
+                f"got {len(parts)}"
+            )
+        names = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+        full = ("sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+
+        def day(token: str) -> int:
+            if token.isdigit() and int(token) <= 7:
+                return int(token)
+            if token in names or token in full:
+                return names.index(token[:3])
+            raise ValueError(f"{token!r} is not a weekday (use 0-7, where 0 and 7 are Sunday, or mon-sun)")
+
+        field = parts[5].lower()
+        days: set[int] = set()
+        for part in [] if field in ("*", "?") else field.split(","):
+            span, _, step_text = part.partition("/")
+            if step_text and not (step_text.isdigit() and int(step_text) > 0):
+                raise ValueError(f"{part!r}: the step after '/' must be a positive number")
+            if span == "*":
+                first, last = 0, 6
+            elif "-" in span:
+                first, last = (day(t) for t in span.split("-", 1))
+            else:
+                first = day(span)
+                last = 6 if step_text else first
+            if first > last:
+                raise ValueError(f"the weekday range {span!r} must run from an earlier day to a later one")
+            days.update(d % 7 for d in range(first, last + 1, int(step_text or 1)))
+        # Monday first, as APScheduler names them; every day is '*'.
+        weekdays = ",".join(names[d] for d in sorted(days, key=lambda d: (d + 6) % 7))
+        second, minute, hour, dom, month = parts[:5]
+        return {
+            "second": second,
+            "minute": minute,
+            "hour": hour,
+            "day": dom,
+            "month": month,
+            "day_of_week": weekdays if days and len(days) < 7 else "*",
+        }
 
 
 class Logging(_Strict):
@@ -378,7 +668,9 @@ class Settings(_Strict):
     digest: DigestSettings = DigestSettings()
     logging: Logging = Logging()
     campaign: dict[str, Any] = {}
-    """Free-form data for templates: offers, seminar dates, booking links."""
+    """Free-form data for templates: offers, prices, booking links."""
+    events: dict[EventName, Event] = {}
+    """Dated events (seminars, training sessions) that steps announce, by name."""
     sequences: dict[Tier, Sequence] = {}
 
     # -- derived -----------------------------------------------------------------------
@@ -499,7 +791,29 @@ def load_settings(
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         raise ConfigError([_problem(err, source, env_keys) for err in exc.errors()]) from None
+    problems = _cross_checks(settings, source)
+    if problems:
+        raise ConfigError(problems)
     return settings.model_copy(update={"config_path": path})
+
+
+def _cross_checks(settings: Settings, source: str) -> list[Problem]:
+    """Rules that tie several settings together."""
+    problems = []
+    # A send is at most a connect, TLS, login, MAIL, RCPT and DATA, each bounded by the
+    # timeout. A lease shorter than that would let another daemon declare a message that
+    # is still being sent abandoned.
+    slowest_send = settings.smtp.timeout * 6
+    if settings.dispatch.lease < slowest_send:
+        problems.append(
+            Problem(
+                source,
+                "dispatch.lease",
+                f"must be at least 6 × smtp.timeout ({format_duration(slowest_send)}) so that a message "
+                "still being sent is never taken for abandoned",
+            )
+        )
+    return problems
 
 
 def _env_overrides(env: dict[str, str], env_keys: set[str]) -> dict[str, Any]:

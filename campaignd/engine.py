@@ -326,6 +326,10 @@ class Dispatcher:
             retry_after = None
             if delivery.outcome == Outcome.UNAVAILABLE:
                 retry_after = self._backoff(lane, delivery.detail)
+            elif delivery.outcome == Outcome.UNKNOWN:
+                # The relay took the data and went silent: sending more into it would only
+                # make more messages ambiguous. Back off; this one waits for the operator.
+                self._backoff(lane, delivery.detail)
             result = Result(
                 claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id, retry_after
             )
