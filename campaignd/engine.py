@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-from campaignd.channels import Channel, Outcome, Outgoing
+from campaignd.channels import Channel, Delivery, Outcome, Outgoing
 from campaignd.config import Channel as ChannelKind
 from campaignd.config import Settings
 from campaignd.message import build_email, message_id
@@ -212,20 +212,28 @@ class Dispatcher:
         self.stopping.set()
 
     async def run_pass(self, now: datetime) -> PassReport:
+        """Claim what is due at ``now``, send it through its channels and record every answer.
+
+        Raises only when the database refuses the claim itself; whatever happens later in
+        the pass (a channel down, the database gone mid-pass) is recorded or left for the
+        next pass to settle, never lost and never sent twice.
+        """
         started = time.monotonic()
         report = PassReport()
         dispatch = self.settings.dispatch
-        if not self.exclusive:
-            # Several daemons share the database: one may have died mid-send. Its
-            # in-flight touches become unknown once their lease has run out.
-            orphans = await asyncio.to_thread(self.store.recover_in_flight, now=now, exclusive=False)
-            for touch in orphans:
-                logger.error(
-                    "touch %d (%s/%s) was being sent by a daemon that stopped: marked unknown",
-                    touch.id,
-                    touch.tier,
-                    touch.step,
-                )
+        # Settle what an earlier pass or a dead daemon left: on a database of our own
+        # every 'sending' touch is orphaned now (passes never overlap); when several
+        # daemons share it, only those whose lease has run out.
+        orphans = await asyncio.to_thread(self.store.recover_in_flight, now=now, exclusive=self.exclusive)
+        for touch in orphans:
+            logger.error(
+                "touch %d (%s/%s) was on the wire when its sender stopped: marked unknown; "
+                "check it, then 'campaignd touches retry %d'",
+                touch.id,
+                touch.tier,
+                touch.step,
+                touch.id,
+            )
         claimed = await asyncio.to_thread(
             self.store.claim, policy=self.policy, now=now, limit=dispatch.batch_size, worker=self.worker
         )
@@ -250,6 +258,7 @@ class Dispatcher:
                 lanes[kind] = _Lane(kind, self.channels[kind])
             lanes[kind].queue.put_nowait(claim)
 
+        halt = asyncio.Event()
         opened: list[Channel] = []
         try:
             workers: list[Awaitable[None]] = []
@@ -257,7 +266,7 @@ class Dispatcher:
                 await lane.channel.open()
                 opened.append(lane.channel)
                 for _ in range(max(1, lane.channel.concurrency)):
-                    workers.append(self._work(lane, marker, recorder, report))
+                    workers.append(self._work(lane, marker, recorder, report, halt))
             await asyncio.gather(*workers)
         finally:
             for channel in opened:
@@ -268,16 +277,21 @@ class Dispatcher:
             for lane in lanes.values():
                 if lane.down is None:
                     self._unavailable.pop(lane.kind, None)
-                leftover = [claim.touch_id for claim in _drain(lane.queue)]
-                if leftover:
-                    now_ = self.clock()
+                leftover = [claim.touch_id for claim in [*_drain(lane.queue), *lane.gone]]
+                if not leftover:
+                    continue
+                later = self.clock()
+                try:
                     report.released += await asyncio.to_thread(
                         self.store.release,
                         leftover,
                         worker=self.worker,
-                        now=now_,
-                        retry_at=now_ + lane.down if lane.down else None,
+                        now=later,
+                        retry_at=later + lane.down if lane.down else None,
                     )
+                except Exception as exc:
+                    # Not lost: unreleased claims are taken again when their lease ends.
+                    logger.warning("could not give back %d claimed steps: %s", len(leftover), _short(exc))
         report.seconds = time.monotonic() - started
         return report
 
@@ -301,8 +315,10 @@ class Dispatcher:
         marker: GroupCommit[int, bool],
         recorder: GroupCommit[Result, Recorded | None],
         report: PassReport,
+        halt: asyncio.Event,
     ) -> None:
-        while not self.stopping.is_set() and lane.down is None:
+        """Send one lane's claims one at a time until the queue is empty or the pass stops."""
+        while not (self.stopping.is_set() or halt.is_set() or lane.down is not None):
             try:
                 claim = lane.queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -311,18 +327,30 @@ class Dispatcher:
                 outgoing = self._build(claim)
             except RenderError as exc:
                 logger.error("cannot render %s/%s for %s: %s", claim.tier, claim.step, claim.lead.email, exc)
-                await self._finish(recorder, report, Result(claim.touch_id, "render", str(exc)))
+                if not await self._finish(recorder, report, Result(claim.touch_id, "render", str(exc)), halt):
+                    return
                 continue
             except _StepGone:
                 # The step left the configuration since the claim: give the work back.
-                await asyncio.to_thread(
-                    self.store.release, [claim.touch_id], worker=self.worker, now=self.clock()
-                )
+                lane.gone.append(claim)
                 continue
-            if not await marker.submit(claim.touch_id):
+            try:
+                ours = await marker.submit(claim.touch_id)
+            except Exception as exc:
+                # Nothing may leave unless 'sending' is on disk first: stop the pass.
+                lane.queue.put_nowait(claim)
+                logger.error("the database is not answering (%s); sending stops until it does", _short(exc))
+                halt.set()
+                return
+            if not ours:
                 logger.warning("touch %s is no longer ours (lease taken over); not sending", claim.touch_id)
                 continue
-            delivery = await lane.channel.send(outgoing)
+            try:
+                delivery = await lane.channel.send(outgoing)
+            except Exception as exc:
+                # A channel must answer, not raise; if it does, the message may have left.
+                logger.exception("channel %s failed on touch %d", lane.kind, claim.touch_id)
+                delivery = Delivery(claim.touch_id, Outcome.UNKNOWN, f"channel error: {_short(exc)}")
             retry_after = None
             if delivery.outcome == Outcome.UNAVAILABLE:
                 retry_after = self._backoff(lane, delivery.detail)
@@ -333,15 +361,34 @@ class Dispatcher:
             result = Result(
                 claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id, retry_after
             )
-            await self._finish(recorder, report, result)
+            if not await self._finish(recorder, report, result, halt):
+                return
 
     async def _finish(
-        self, recorder: GroupCommit[Result, Recorded | None], report: PassReport, result: Result
-    ) -> None:
-        rec = await recorder.submit(result)
+        self,
+        recorder: GroupCommit[Result, Recorded | None],
+        report: PassReport,
+        result: Result,
+        halt: asyncio.Event,
+    ) -> bool:
+        """Record one result; False (and the pass halted) when the database would not take it."""
+        try:
+            rec = await recorder.submit(result)
+        except Exception as exc:
+            # The answer is lost with the database; the touch stays 'sending' and is
+            # settled as unknown by the next pass: ambiguous, never resent by itself.
+            logger.error(
+                "could not record the %s answer for touch %d (%s); it will show as unknown",
+                result.outcome,
+                result.touch_id,
+                _short(exc),
+            )
+            halt.set()
+            return False
         if rec is not None:
             report.add(rec)
             _log_event(rec)
+        return True
 
     def _build(self, claim: Claim) -> Outgoing:
         found = self._steps.get((claim.tier, claim.step))
@@ -419,6 +466,8 @@ class _Lane:
     channel: Channel
     queue: asyncio.Queue[Claim] = field(default_factory=asyncio.Queue)
     down: timedelta | None = None
+    gone: list[Claim] = field(default_factory=list)
+    """Claims whose step left the configuration since they were made: given back."""
 
 
 def _drain(queue: asyncio.Queue[Claim]) -> list[Claim]:

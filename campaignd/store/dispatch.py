@@ -101,19 +101,18 @@ class DispatchQueries(StoreBase):
                     .values(next_due_at=None, next_step=None, updated_at=now)
                 )
             if exclusive:
-                claimed = sa.select(touches_t.c.lead_id).where(
-                    touches_t.c.status == TouchStatus.CLAIMED.value
-                )
+                # Claims still under lease belong to a process that is gone (ours never
+                # outlive a pass); released ones already carry their own due time.
+                held = sa.and_(touches_t.c.status == TouchStatus.CLAIMED.value, touches_t.c.lease_until > now)
                 conn.execute(
                     sa.update(leads_t)
-                    .where(leads_t.c.id.in_(claimed), leads_t.c.status == LeadStatus.ACTIVE.value)
+                    .where(
+                        leads_t.c.id.in_(sa.select(touches_t.c.lead_id).where(held)),
+                        leads_t.c.status == LeadStatus.ACTIVE.value,
+                    )
                     .values(next_due_at=now)
                 )
-                conn.execute(
-                    sa.update(touches_t)
-                    .where(touches_t.c.status == TouchStatus.CLAIMED.value)
-                    .values(lease_until=now, updated_at=now)
-                )
+                conn.execute(sa.update(touches_t).where(held).values(lease_until=now, updated_at=now))
         return rows
 
     # -- claiming ---------------------------------------------------------------------------------
@@ -185,7 +184,7 @@ class DispatchQueries(StoreBase):
                             touches_t.c.status == TouchStatus.RETRY.value,
                             sa.and_(
                                 touches_t.c.status == TouchStatus.CLAIMED.value,
-                                touches_t.c.lease_until < now,
+                                touches_t.c.lease_until <= now,
                             ),
                         ),
                     )

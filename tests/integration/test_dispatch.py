@@ -243,7 +243,7 @@ async def test_in_flight_touch_becomes_unknown_and_is_resent_only_on_request(
     claimed = store.claim(policy=dispatcher.policy, now=T0, limit=10, worker="dead:1")
     [claim] = claimed.claims
     assert store.mark_sending([claim.touch_id], worker="dead:1", now=T0, lease=timedelta(minutes=5))
-    orphans = store.recover_in_flight(now=T0, exclusive=True)
+    orphans = store.recover_in_flight(now=T0, exclusive=True)  # what a restart does
     assert [t.id for t in orphans] == [claim.touch_id]
     assert store.get_touch(claim.touch_id).status == TouchStatus.UNKNOWN  # type: ignore[union-attr]
     report = store.status_report(now=T0)
@@ -259,8 +259,11 @@ async def test_in_flight_touch_becomes_unknown_and_is_resent_only_on_request(
 
 
 async def test_claimed_work_is_taken_over_after_its_lease(tmp_path: Path, store: Store) -> None:
+    """Several daemons share the database (PostgreSQL): another one's claim is respected
+    until its lease ends."""
     clock = Clock(T0)
     dispatcher, email, _ = make_dispatcher(tmp_path, store, clock)
+    dispatcher.exclusive = False
     add_leads(store, "ann@example.com")
     [claim] = store.claim(policy=dispatcher.policy, now=T0, limit=10, worker="slow:1").claims
     # within the lease nobody else may take it
