@@ -29,8 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from campaignd import database
 from campaignd.channels import Channel
 from campaignd.config import Settings
-from campaignd.directmail import PrintOutboxChannel
-from campaignd.engine import Dispatcher, PassReport, utcnow
+from campaignd.engine import Dispatcher, PassReport, describe_error, utcnow
 from campaignd.exceptions import CampaigndError
 from campaignd.render import Renderer
 from campaignd.sequences import Policy
@@ -48,6 +47,7 @@ def worker_name() -> str:
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
     # Imported here so that commands which only check config need no network modules.
+    from campaignd.directmail import DirectMailChannel
     from campaignd.mailer import SmtpChannel
     from campaignd.outbox import MaildirChannel
 
@@ -56,7 +56,9 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
         email = SmtpChannel(settings=settings.smtp)
     else:
         email = MaildirChannel(path=settings.outbox_dir)
-    return {"email": email, "mail": PrintOutboxChannel(path=settings.print_dir)}
+    # Direct mail answers at once: the piece waits for the next print batch (see
+    # campaignd.directmail), or the step is skipped for want of a postal address.
+    return {"email": email, "mail": DirectMailChannel(settings=settings.print)}
 
 
 def prepare(settings: Settings, *, create_key: bool = True) -> tuple[Renderer, Signer]:
@@ -103,6 +105,8 @@ class Daemon:
         self.totals = PassReport()
         self.services: list[Service] = []
         self._last_progress = time.monotonic()
+        self._failures = 0
+        self._retry_at = 0.0
         self._started: list[Service] = []
 
     def run(self) -> int:
@@ -292,7 +296,7 @@ class Daemon:
 
     async def tick(self) -> None:
         """One or more dispatch passes: keep going while full batches are due."""
-        if self.ticking.locked():
+        if self.ticking.locked() or time.monotonic() < self._retry_at:
             return
         async with self.ticking:
             batch = self.settings.dispatch.batch_size
@@ -300,18 +304,37 @@ class Daemon:
                 now = self.clock()
                 try:
                     report = await self.dispatcher.run_pass(now)
-                except Exception as exc:
-                    logger.error(
-                        "dispatch pass failed, will retry on the next tick: %s",
-                        exc,
-                        exc_info=logger.isEnabledFor(logging.DEBUG),
-                    )
-                    self.notifier.status(f"dispatch failing: {str(exc)[:120]}")
+                except asyncio.CancelledError:
+                    # Shutdown gave up waiting for this pass; what it left is settled at
+                    # the next start.
+                    logger.warning("dispatch pass cut short by the shutdown")
                     return
+                except Exception as exc:
+                    self._failed(exc)
+                    return
+                if self._failures:
+                    logger.info("dispatch works again after %d failed passes", self._failures)
+                    self._failures = 0
                 self._account(report)
                 # A full batch (claimed or just re-planned) means more may be due now.
                 if report.claimed + report.rescheduled < batch:
                     break
+
+    def _failed(self, exc: Exception) -> None:
+        """A pass could not run (the database refused): say so and back off, up to a minute."""
+        self._failures += 1
+        interval = self.settings.dispatch.interval.total_seconds()
+        delay = min(interval * 2 ** (self._failures - 1), max(interval, 60.0))
+        self._retry_at = time.monotonic() + delay
+        message = describe_error(exc)
+        logger.error(
+            "dispatch pass failed (%d in a row), next try in %ds: %s",
+            self._failures,
+            delay,
+            message,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+        self.notifier.status(f"dispatch failing ({self._failures} in a row): {message[:120]}")
 
     def _account(self, report: PassReport) -> None:
         self.last = report

@@ -481,9 +481,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
 
 
-def _short(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """One line for the log: the first line of the message (SQLAlchemy adds several)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text[:300]
+
+
+_short = describe_error
 
 
 def _log_event(rec: Recorded) -> None:

@@ -46,8 +46,8 @@ class MaildirChannel:
         try:
             final = await asyncio.to_thread(self._write, message)
         except OSError as exc:
-            # Disk full, permissions: the message was not written; try again later.
-            return Delivery(message.touch_id, Outcome.TEMPORARY, f"cannot write to the outbox: {exc}")
+            # Disk full, permissions: the outbox itself is unusable, not this message.
+            return Delivery(message.touch_id, Outcome.UNAVAILABLE, f"cannot write to the outbox: {exc}")
         return Delivery(message.touch_id, Outcome.SENT, f"written to {final}")
 
     def _write(self, message: Outgoing) -> Path:
