@@ -89,7 +89,9 @@ class _Handler:
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         self.server.rcpt_attempts.append(address)
-        answer = await self._answer(smtp, self.server.faults.next_rcpt) or self.server.faults.rcpt.get(address)
+        answer = await self._answer(smtp, self.server.faults.next_rcpt) or self.server.faults.rcpt.get(
+            address
+        )
         if answer and not answer.startswith("2"):
             return answer
         envelope.rcpt_tos.append(address)

@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from campaignd.database import create_engine, upgrade
-from campaignd.store import LeadInput, Store
 from campaignd.engine import utcnow
+from campaignd.store import LeadInput, Store
 from tests.e2e.proc import Daemon
 from tests.factories import write_config
 from tests.smtp import SmtpServer

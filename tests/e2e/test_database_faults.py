@@ -77,7 +77,9 @@ def test_sqlite_locked_longer_than_the_busy_timeout(tmp_path: Path) -> None:
     with SmtpServer() as smtpd:
         smtpd.faults.stall_data = 0.01
         config = write_config(
-            tmp_path, sequences=SEQUENCES, extra=smtp_extra(smtpd.port) + '\n[database]\nbusy_timeout = "1s"\n'
+            tmp_path,
+            sequences=SEQUENCES,
+            extra=smtp_extra(smtpd.port) + '\n[database]\nbusy_timeout = "1s"\n',
         )
         db = tmp_path / "state" / "campaignd.db"
         engine = fill(f"sqlite:///{db}")
@@ -135,7 +137,9 @@ def test_postgresql_restarted_under_the_daemon(tmp_path: Path) -> None:
                 assert restarted.returncode == 0, restarted.stderr
                 engine.dispose()
                 wait_until(
-                    lambda: subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"], check=False).returncode == 0,
+                    lambda: (
+                        subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1"], check=False).returncode == 0
+                    ),
                     60,
                     "PostgreSQL to come back",
                 )
@@ -169,7 +173,9 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     done = subprocess.run(
         # Larger than SQLite's WAL checkpoint threshold (1,000 pages, 4 MB): below it the
         # log could never be checkpointed back into the database on any disk.
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         if os.environ.get("CI"):
@@ -183,8 +189,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 def test_the_state_directory_disk_full(tmp_path: Path, small_disk: Path) -> None:
     state = small_disk / "state"
-    config = write_config(tmp_path, sequences=SEQUENCES, extra='[dispatch]\ninterval = "1s"\nbatch_size = 20\n')
-    config.write_text(config.read_text().replace(f'state_dir = "{tmp_path / "state"}"', f'state_dir = "{state}"'))
+    config = write_config(
+        tmp_path, sequences=SEQUENCES, extra='[dispatch]\ninterval = "1s"\nbatch_size = 20\n'
+    )
+    config.write_text(
+        config.read_text().replace(f'state_dir = "{tmp_path / "state"}"', f'state_dir = "{state}"')
+    )
     engine = fill(f"sqlite:///{state / 'campaignd.db'}")
     outbox = state / "outbox" / "new"
     daemon = Daemon(config)

@@ -126,7 +126,9 @@ timeout = "5s"
     url = database or f"sqlite:///{tmp_path / 'state' / 'campaignd.db'}"
     engine = sa.create_engine(url)
     with engine.connect() as conn:
-        recorded = set(conn.execute(sa.text("select message_id from touches where status = 'sent'")).scalars())
+        recorded = set(
+            conn.execute(sa.text("select message_id from touches where status = 'sent'")).scalars()
+        )
     engine.dispose()
     assert recorded == {r.message_id for r in smtpd.received}
 

@@ -29,7 +29,9 @@ def channel(server: SmtpServer, **settings: object) -> SmtpChannel:
 
 def message(n: int, recipient: str | None = None) -> Outgoing:
     to = recipient or f"lead{n}@example.com"
-    data = f"From: a@harborhome.example\r\nTo: {to}\r\nSubject: {n}\r\nMessage-ID: <{n}@x>\r\n\r\nbody {n}\r\n"
+    data = (
+        f"From: a@harborhome.example\r\nTo: {to}\r\nSubject: {n}\r\nMessage-ID: <{n}@x>\r\n\r\nbody {n}\r\n"
+    )
     return Outgoing(n, "hello@harborhome.example", to, data.encode(), f"<{n}@x>")
 
 
@@ -53,15 +55,15 @@ async def send_all(ch: SmtpChannel, messages: list[Outgoing], workers: int = 1) 
 async def test_messages_go_over_a_few_reused_connections(smtpd: SmtpServer) -> None:
     outcomes = await send_all(channel(smtpd, connections=3), [message(n) for n in range(30)], workers=3)
     assert outcomes == [Outcome.SENT] * 30
-    assert sorted(r.recipients[0] for r in smtpd.received) == sorted(f"lead{n}@example.com" for n in range(30))
+    assert sorted(r.recipients[0] for r in smtpd.received) == sorted(
+        f"lead{n}@example.com" for n in range(30)
+    )
     assert smtpd.connections <= 3
 
 
 async def test_a_hard_bounce_is_permanent_and_the_connection_goes_on(smtpd: SmtpServer) -> None:
     smtpd.faults.rcpt["gone@example.com"] = "550 5.1.1 no such user"
-    outcomes = await send_all(
-        channel(smtpd), [message(1), message(2, "gone@example.com"), message(3)]
-    )
+    outcomes = await send_all(channel(smtpd), [message(1), message(2, "gone@example.com"), message(3)])
     assert outcomes == [Outcome.SENT, Outcome.PERMANENT, Outcome.SENT]
     assert smtpd.connections == 1
 
@@ -79,7 +81,9 @@ async def test_a_hard_bounce_is_permanent_and_the_connection_goes_on(smtpd: Smtp
         ("data", "552 5.2.1 mailbox disabled", Outcome.PERMANENT),
     ],
 )
-async def test_each_refusal_is_classified(smtpd: SmtpServer, stage: str, answer: str, expected: Outcome) -> None:
+async def test_each_refusal_is_classified(
+    smtpd: SmtpServer, stage: str, answer: str, expected: Outcome
+) -> None:
     getattr(smtpd.faults, f"next_{stage}").append(answer)
     outcomes = await send_all(channel(smtpd), [message(1), message(2)])
     assert outcomes == [expected, Outcome.SENT]
@@ -138,7 +142,9 @@ async def test_a_connection_dropped_while_idle_is_replaced_without_losing_the_me
 
 async def test_the_rate_limit_spaces_messages(smtpd: SmtpServer) -> None:
     started = time.monotonic()
-    outcomes = await send_all(channel(smtpd, rate=20, connections=2), [message(n) for n in range(11)], workers=2)
+    outcomes = await send_all(
+        channel(smtpd, rate=20, connections=2), [message(n) for n in range(11)], workers=2
+    )
     assert outcomes == [Outcome.SENT] * 11
     # 11 messages at 20 per second cannot leave in less than 10 intervals of 50 ms.
     assert time.monotonic() - started >= 0.5

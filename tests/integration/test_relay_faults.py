@@ -142,7 +142,9 @@ async def test_421_and_451_for_a_while_then_recovery(tmp_path: Path, store: Stor
         assert touch.attempts == 2
 
 
-async def test_550_for_one_recipient_fails_and_suppresses_it(tmp_path: Path, store: Store, smtpd: SmtpServer) -> None:
+async def test_550_for_one_recipient_fails_and_suppresses_it(
+    tmp_path: Path, store: Store, smtpd: SmtpServer
+) -> None:
     clock = Clock(T0)
     dispatcher = setup(tmp_path, store, smtpd, clock)
     smtpd.faults.rcpt["lead3@example.com"] = "550 5.1.1 user unknown"
