@@ -50,8 +50,8 @@ class GroupCommit(Generic[T, R]):
     keeping each worker's item durable before it goes on.
 
     :param commit: runs in a thread with a list of items and returns one answer per item.
-    :param retry_for: keep retrying a failing commit this long (the database may be
-        restarting) before giving the error to the waiters.
+    :param retry_for: how long to keep retrying a failing commit of these items (the
+        database may be restarting) before giving the error to the waiters.
     """
 
     def __init__(
@@ -59,13 +59,11 @@ class GroupCommit(Generic[T, R]):
         commit: Callable[[list[T]], list[R]],
         *,
         name: str,
-        retry_for: float = 0.0,
-        stopping: asyncio.Event | None = None,
+        retry_for: Callable[[list[T]], float],
     ) -> None:
         self._commit = commit
         self._name = name
         self._retry_for = retry_for
-        self._stopping = stopping
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -92,7 +90,7 @@ class GroupCommit(Generic[T, R]):
                     fut.set_result(answer)
 
     async def _with_retry(self, items: list[T]) -> list[R]:
-        deadline = time.monotonic() + self._retry_for
+        deadline = time.monotonic() + self._retry_for(items)
         delay = 0.5
         while True:
             try:
@@ -242,13 +240,15 @@ class Dispatcher:
             report.seconds = time.monotonic() - started
             return report
 
-        marker: GroupCommit[int, bool] = GroupCommit(
-            self._mark, name="marking messages as sending", retry_for=5.0
-        )
-        recorder: GroupCommit[Result, Recorded | None] = GroupCommit(
-            self._record,
-            name="recording results",
-            retry_for=dispatch.stop_timeout.total_seconds() * 15,
+        patience = dispatch.stop_timeout.total_seconds() * 15
+
+        def retry_for(items: list[_Step]) -> float:
+            # An answer not recorded becomes an unknown: worth waiting for the database.
+            # A mark alone is cheap to give up on: nothing has left yet.
+            return patience if any(results for results, _ in items) else 5.0
+
+        advancer: GroupCommit[_Step, _Advanced] = GroupCommit(
+            self._advance, name="recording answers", retry_for=retry_for
         )
         lanes: dict[str, _Lane] = {}
         for claim in claimed.claims:
@@ -266,7 +266,7 @@ class Dispatcher:
                 await lane.channel.open()
                 opened.append(lane.channel)
                 for _ in range(max(1, lane.channel.concurrency)):
-                    workers.append(self._work(lane, marker, recorder, report, halt))
+                    workers.append(self._work(lane, advancer, report, halt))
             await asyncio.gather(*workers)
         finally:
             for channel in opened:
@@ -312,35 +312,45 @@ class Dispatcher:
     async def _work(
         self,
         lane: _Lane,
-        marker: GroupCommit[int, bool],
-        recorder: GroupCommit[Result, Recorded | None],
+        advancer: GroupCommit[_Step, _Advanced],
         report: PassReport,
         halt: asyncio.Event,
     ) -> None:
-        """Send one lane's claims one at a time until the queue is empty or the pass stops."""
-        while not (self.stopping.is_set() or halt.is_set() or lane.down is not None):
-            try:
-                claim = lane.queue.get_nowait()
-            except asyncio.QueueEmpty:
+        """Send one lane's claims one at a time until the queue is empty or the pass stops.
+
+        Each round trip to the database records the previous answer and marks the next
+        message as leaving, in one transaction: a message leaves only once its mark is
+        on disk, and the next one only once the answer before it is.
+        """
+        answered: list[Result] = []
+        while True:
+            claim, outgoing = self._next(lane, halt, answered)
+            if claim is None and not answered:
                 return
             try:
-                outgoing = self._build(claim)
-            except RenderError as exc:
-                logger.error("cannot render %s/%s for %s: %s", claim.tier, claim.step, claim.lead.email, exc)
-                if not await self._finish(recorder, report, Result(claim.touch_id, "render", str(exc)), halt):
-                    return
-                continue
-            except _StepGone:
-                # The step left the configuration since the claim: give the work back.
-                lane.gone.append(claim)
-                continue
-            try:
-                ours = await marker.submit(claim.touch_id)
+                recorded, ours = await advancer.submit((answered, claim.touch_id if claim else None))
             except Exception as exc:
-                # Nothing may leave unless 'sending' is on disk first: stop the pass.
-                lane.queue.put_nowait(claim)
-                logger.error("the database is not answering (%s); sending stops until it does", _short(exc))
+                if claim is not None:
+                    lane.queue.put_nowait(claim)
+                if answered:
+                    # The answers are lost with the database; their touches stay 'sending'
+                    # and are settled as unknown by the next pass: never resent by itself.
+                    logger.error(
+                        "could not record %d answers (%s); they will show as unknown",
+                        len(answered),
+                        _short(exc),
+                    )
+                else:
+                    logger.error(
+                        "the database is not answering (%s); sending stops until it does", _short(exc)
+                    )
                 halt.set()
+                return
+            answered = []
+            for rec in recorded:
+                report.add(rec)
+                _log_event(rec)
+            if claim is None or outgoing is None:
                 return
             if not ours:
                 logger.warning("touch %s is no longer ours (lease taken over); not sending", claim.touch_id)
@@ -358,37 +368,33 @@ class Dispatcher:
                 # The relay took the data and went silent: sending more into it would only
                 # make more messages ambiguous. Back off; this one waits for the operator.
                 self._backoff(lane, delivery.detail)
-            result = Result(
-                claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id, retry_after
+            answered.append(
+                Result(
+                    claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id, retry_after
+                )
             )
-            if not await self._finish(recorder, report, result, halt):
-                return
 
-    async def _finish(
-        self,
-        recorder: GroupCommit[Result, Recorded | None],
-        report: PassReport,
-        result: Result,
-        halt: asyncio.Event,
-    ) -> bool:
-        """Record one result; False (and the pass halted) when the database would not take it."""
-        try:
-            rec = await recorder.submit(result)
-        except Exception as exc:
-            # The answer is lost with the database; the touch stays 'sending' and is
-            # settled as unknown by the next pass: ambiguous, never resent by itself.
-            logger.error(
-                "could not record the %s answer for touch %d (%s); it will show as unknown",
-                result.outcome,
-                result.touch_id,
-                _short(exc),
-            )
-            halt.set()
-            return False
-        if rec is not None:
-            report.add(rec)
-            _log_event(rec)
-        return True
+    def _next(
+        self, lane: _Lane, halt: asyncio.Event, answered: list[Result]
+    ) -> tuple[Claim | None, Outgoing | None]:
+        """The lane's next claim and its message, or (None, None) when it should stop.
+
+        A claim that cannot be rendered is answered (``render``) and passed over; one whose
+        step left the configuration is kept aside to be given back.
+        """
+        while not (self.stopping.is_set() or halt.is_set() or lane.down is not None):
+            try:
+                claim = lane.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            try:
+                return claim, self._build(claim)
+            except RenderError as exc:
+                logger.error("cannot render %s/%s for %s: %s", claim.tier, claim.step, claim.lead.email, exc)
+                answered.append(Result(claim.touch_id, "render", str(exc)))
+            except _StepGone:
+                lane.gone.append(claim)
+        return None, None
 
     def _build(self, claim: Claim) -> Outgoing:
         found = self._steps.get((claim.tier, claim.step))
@@ -430,29 +436,38 @@ class Dispatcher:
             filename_hint=_slug(f"{claim.tier}-{step.id}"),
         )
 
-    def _mark(self, touch_ids: list[int]) -> list[bool]:
-        marked = self.store.mark_sending(
-            touch_ids, worker=self.worker, now=self.clock(), lease=self.settings.dispatch.lease
-        )
-        return [t in marked for t in touch_ids]
-
-    def _record(self, results: list[Result]) -> list[Recorded | None]:
+    def _advance(self, items: list[_Step]) -> list[_Advanced]:
+        """Record every answer and mark every next message of a group, in one transaction."""
         d = self.settings.dispatch
-        recorded = self.store.record(
-            results,
+        recorded, marked = self.store.advance(
+            [result for results, _ in items for result in results],
+            [touch_id for _, touch_id in items if touch_id is not None],
+            worker=self.worker,
             policy=self.policy,
             now=self.clock(),
+            lease=d.lease,
             max_attempts=d.max_attempts,
             backoff=d.retry_backoff,
             backoff_max=d.retry_backoff_max,
         )
-        by_id = {r.touch_id: r for r in recorded}
-        return [by_id.get(r.touch_id) for r in results]
+        by_touch = {rec.touch_id: rec for rec in recorded}
+        return [
+            (
+                [by_touch[r.touch_id] for r in results if r.touch_id in by_touch],
+                touch_id is not None and touch_id in marked,
+            )
+            for results, touch_id in items
+        ]
 
 
 class _StepGone(Exception):
     pass
 
+
+_Step = tuple[list[Result], int | None]
+"""What a sender hands the database: the answers it got, and the touch it wants to send next."""
+_Advanced = tuple[list[Recorded], bool]
+"""What it gets back: what recording the answers did, and whether it may send the next one."""
 
 RELAY_BACKOFF = timedelta(seconds=5)
 RELAY_BACKOFF_MAX = timedelta(minutes=5)

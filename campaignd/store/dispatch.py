@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import Connection
 
 from campaignd import sequences as core
 from campaignd.models import LeadStatus, SuppressionReason, TouchStatus
@@ -26,6 +27,7 @@ from campaignd.store.base import (
     executemany_update,
     leads_t,
     meta_t,
+    suppressions_t,
     touches_t,
 )
 from campaignd.store.records import (
@@ -216,22 +218,62 @@ class DispatchQueries(StoreBase):
         if not touch_ids:
             return set()
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                sa.update(touches_t)
-                .where(
-                    touches_t.c.id.in_(touch_ids),
-                    touches_t.c.status == TouchStatus.CLAIMED.value,
-                    touches_t.c.claimed_by == worker,
-                )
-                .values(
-                    status=TouchStatus.SENDING.value,
-                    attempts=touches_t.c.attempts + 1,
-                    lease_until=now + lease,
-                    updated_at=now,
-                )
-                .returning(touches_t.c.id)
+            return self._mark_sending(conn, touch_ids, worker=worker, now=now, lease=lease)
+
+    def _mark_sending(
+        self, conn: Connection, touch_ids: Sequence[int], *, worker: str, now: datetime, lease: timedelta
+    ) -> set[int]:
+        rows = conn.execute(
+            sa.update(touches_t)
+            .where(
+                touches_t.c.id.in_(touch_ids),
+                touches_t.c.status == TouchStatus.CLAIMED.value,
+                touches_t.c.claimed_by == worker,
             )
-            return set(rows.scalars())
+            .values(
+                status=TouchStatus.SENDING.value,
+                attempts=touches_t.c.attempts + 1,
+                lease_until=now + lease,
+                updated_at=now,
+            )
+            .returning(touches_t.c.id)
+        )
+        return set(rows.scalars())
+
+    def advance(
+        self,
+        results: Sequence[Result],
+        leaving: Sequence[int],
+        *,
+        worker: str,
+        policy: core.Policy,
+        now: datetime,
+        lease: timedelta,
+        max_attempts: int,
+        backoff: timedelta,
+        backoff_max: timedelta,
+    ) -> tuple[list[Recorded], set[int]]:
+        """Record answers and mark the next messages as leaving, in one transaction.
+
+        A sender that just got an answer usually has its next message ready: settling the
+        one and marking the other together halves the commits on the hot path without
+        weakening either promise (the answer is durable before anything else happens,
+        and nothing leaves before its mark is durable).
+        """
+        with self.engine.begin() as conn:
+            recorded = self._record(
+                conn,
+                results,
+                policy=policy,
+                now=now,
+                max_attempts=max_attempts,
+                backoff=backoff,
+                backoff_max=backoff_max,
+            )
+            marked = (
+                self._mark_sending(conn, leaving, worker=worker, now=now, lease=lease) if leaving else set()
+            )
+        return recorded, marked
 
     def release(
         self, touch_ids: Sequence[int], *, worker: str, now: datetime, retry_at: datetime | None = None
@@ -284,156 +326,239 @@ class DispatchQueries(StoreBase):
         """
         if not results:
             return []
+        with self.engine.begin() as conn:
+            return self._record(
+                conn,
+                results,
+                policy=policy,
+                now=now,
+                max_attempts=max_attempts,
+                backoff=backoff,
+                backoff_max=backoff_max,
+            )
+
+    def _record(
+        self,
+        conn: Connection,
+        results: Sequence[Result],
+        *,
+        policy: core.Policy,
+        now: datetime,
+        max_attempts: int,
+        backoff: timedelta,
+        backoff_max: timedelta,
+    ) -> list[Recorded]:
+        if not results:
+            return []
         by_id = {r.touch_id: r for r in results}
         out: list[Recorded] = []
-        with self.engine.begin() as conn:
-            touch_rows = {
-                t.id: t for t in conn.execute(sa.select(touches_t).where(touches_t.c.id.in_(list(by_id))))
-            }
-            lead_ids = sorted({t.lead_id for t in touch_rows.values()})
-            self._lock_leads(conn, lead_ids)
-            states = self._states(conn, lead_ids)
-            emails = dict(
-                conn.execute(sa.select(leads_t.c.id, leads_t.c.email).where(leads_t.c.id.in_(lead_ids))).all()
-            )
-            touch_updates: list[dict[str, Any]] = []
-            lead_updates: list[dict[str, Any]] = []
-            events: list[dict[str, Any]] = []
-            for touch_id, result in by_id.items():
-                t = touch_rows.get(touch_id)
-                # Work that never reached a channel (it could not be rendered) or that no
-                # wire was involved in (a letter queued for print) may come from 'claimed'.
-                allowed = {TouchStatus.SENDING.value}
-                if result.outcome in ("render", "rejected", "skipped", "pending"):
-                    allowed.add(TouchStatus.CLAIMED.value)
-                if t is None or t.status not in allowed:
-                    logger.warning(
-                        "touch %s is %s, not sending; result %s ignored",
-                        touch_id,
-                        t.status if t else "missing",
-                        result.outcome,
-                    )
-                    continue
-                state = states[t.lead_id]
-                # The lead as the core sees it without this touch, which is being settled.
-                base = replace(
-                    state,
-                    touches=tuple(v for v in state.touches if not (v.tier == t.tier and v.step == t.step)),
+        touch_rows, states, emails = self._load_settling(conn, list(by_id))
+        touch_updates: list[dict[str, Any]] = []
+        lead_updates: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        for touch_id, result in by_id.items():
+            t = touch_rows.get(touch_id)
+            # Work that never reached a channel (it could not be rendered) or that no
+            # wire was involved in (a letter queued for print) may come from 'claimed'.
+            allowed = {TouchStatus.SENDING.value}
+            if result.outcome in ("render", "rejected", "skipped", "pending"):
+                allowed.add(TouchStatus.CLAIMED.value)
+            if t is None or t.status not in allowed:
+                logger.warning(
+                    "touch %s is %s, not sending; result %s ignored",
+                    touch_id,
+                    t.status if t else "missing",
+                    result.outcome,
                 )
-                email = emails[t.lead_id]
-                upd: dict[str, Any] = {
-                    "b_id": t.id,
-                    "lease_until": None,
+                continue
+            state = states[t.lead_id]
+            # The lead as the core sees it without this touch, which is being settled.
+            base = replace(
+                state,
+                touches=tuple(v for v in state.touches if not (v.tier == t.tier and v.step == t.step)),
+            )
+            email = emails[t.lead_id]
+            upd: dict[str, Any] = {
+                "b_id": t.id,
+                "lease_until": None,
+                "updated_at": now,
+                "error": result.detail or None,
+                "next_attempt_at": None,
+                "message_id": result.message_id or t.message_id,
+                "sent_at": None,
+            }
+            outcome = result.outcome
+            if outcome == "sent":
+                after = core.apply_touch(base, policy, at=now, tier=t.tier, step=t.step)
+                new_state = core.with_touch(base, after, core.TouchView(t.tier, t.step, "sent", now))
+                nxt = core.next_touch(new_state, policy)
+                upd |= {"status": TouchStatus.SENT.value, "sent_at": now, "error": None}
+                lead_upd: dict[str, Any] = {
+                    "b_id": t.lead_id,
+                    "touch_count": after.touch_count,
+                    "tier": after.tier,
+                    "tier_since": after.tier_since,
+                    "status": after.status,
+                    "last_touch_at": after.last_touch_at,
+                    "next_step": nxt.step.id if nxt else None,
+                    "next_due_at": nxt.due_at if nxt else None,
                     "updated_at": now,
-                    "error": result.detail or None,
-                    "next_attempt_at": None,
-                    "message_id": result.message_id or t.message_id,
-                    "sent_at": None,
                 }
-                outcome = result.outcome
-                if outcome == "sent":
-                    after = core.apply_touch(base, policy, at=now, tier=t.tier, step=t.step)
-                    new_state = core.with_touch(base, after, core.TouchView(t.tier, t.step, "sent", now))
-                    nxt = core.next_touch(new_state, policy)
-                    upd |= {"status": TouchStatus.SENT.value, "sent_at": now, "error": None}
-                    lead_upd: dict[str, Any] = {
+                if after.flagged:
+                    lead_upd |= {"flagged_at": after.flagged_at, "flag_reason": after.flag_reason}
+                lead_updates.append(lead_upd)
+                events += after_events(t.lead_id, after)
+                states[t.lead_id] = new_state
+                out.append(
+                    Recorded(
+                        t.id,
+                        email,
+                        t.tier,
+                        t.step,
+                        "sent",
+                        after.touch_count,
+                        after.promoted,
+                        after.flagged,
+                    )
+                )
+            elif outcome == "temporary" and t.attempts < max_attempts:
+                delay = min(backoff * (2 ** max(t.attempts - 1, 0)), backoff_max)
+                retry_at = now + delay
+                upd |= {"status": TouchStatus.RETRY.value, "next_attempt_at": retry_at}
+                lead_updates.append(
+                    {"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at, "updated_at": now}
+                )
+                out.append(
+                    Recorded(t.id, email, t.tier, t.step, "retry", retry_at=retry_at, detail=result.detail)
+                )
+            elif outcome == "unavailable":
+                # The channel was down: this message was never tried, so no attempt is spent.
+                retry_at = now + (result.retry_after or timedelta(seconds=30))
+                upd |= {
+                    "status": TouchStatus.RETRY.value,
+                    "next_attempt_at": retry_at,
+                    "attempts": max(t.attempts - 1, 0),
+                }
+                lead_updates.append(
+                    {"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at, "updated_at": now}
+                )
+                out.append(
+                    Recorded(
+                        t.id,
+                        email,
+                        t.tier,
+                        t.step,
+                        "unavailable",
+                        retry_at=retry_at,
+                        detail=result.detail,
+                    )
+                )
+            elif outcome == "permanent":
+                upd |= {"status": TouchStatus.FAILED.value}
+                added = self._suppress(conn, email, SuppressionReason.BOUNCED, result.detail, now)
+                self._stop_suppressed_lead(
+                    conn, t.lead_id, SuppressionReason.BOUNCED, result.detail, now, new=added
+                )
+                out.append(Recorded(t.id, email, t.tier, t.step, "bounced", detail=result.detail))
+            elif outcome in ("skipped", "pending"):
+                status = TouchStatus.SKIPPED if outcome == "skipped" else TouchStatus.PENDING
+                new_state = replace(
+                    base, touches=(*base.touches, core.TouchView(t.tier, t.step, status.value, now))
+                )
+                nxt = core.next_touch(new_state, policy) if outcome == "skipped" else None
+                upd |= {"status": status.value}
+                lead_updates.append(
+                    {
                         "b_id": t.lead_id,
-                        "touch_count": after.touch_count,
-                        "tier": after.tier,
-                        "tier_since": after.tier_since,
-                        "status": after.status,
-                        "last_touch_at": after.last_touch_at,
                         "next_step": nxt.step.id if nxt else None,
                         "next_due_at": nxt.due_at if nxt else None,
                         "updated_at": now,
                     }
-                    if after.flagged:
-                        lead_upd |= {"flagged_at": after.flagged_at, "flag_reason": after.flag_reason}
-                    lead_updates.append(lead_upd)
-                    events += after_events(t.lead_id, after)
-                    states[t.lead_id] = new_state
-                    out.append(
-                        Recorded(
-                            t.id,
-                            email,
-                            t.tier,
-                            t.step,
-                            "sent",
-                            after.touch_count,
-                            after.promoted,
-                            after.flagged,
-                        )
-                    )
-                elif outcome == "temporary" and t.attempts < max_attempts:
-                    delay = min(backoff * (2 ** max(t.attempts - 1, 0)), backoff_max)
-                    retry_at = now + delay
-                    upd |= {"status": TouchStatus.RETRY.value, "next_attempt_at": retry_at}
-                    lead_updates.append(
-                        {"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at, "updated_at": now}
-                    )
-                    out.append(
-                        Recorded(
-                            t.id, email, t.tier, t.step, "retry", retry_at=retry_at, detail=result.detail
-                        )
-                    )
-                elif outcome == "unavailable":
-                    # The channel was down: this message was never tried, so no attempt is spent.
-                    retry_at = now + (result.retry_after or timedelta(seconds=30))
-                    upd |= {
-                        "status": TouchStatus.RETRY.value,
-                        "next_attempt_at": retry_at,
-                        "attempts": max(t.attempts - 1, 0),
-                    }
-                    lead_updates.append(
-                        {"b_id": t.lead_id, "next_step": t.step, "next_due_at": retry_at, "updated_at": now}
-                    )
-                    out.append(
-                        Recorded(
-                            t.id,
-                            email,
-                            t.tier,
-                            t.step,
-                            "unavailable",
-                            retry_at=retry_at,
-                            detail=result.detail,
-                        )
-                    )
-                elif outcome == "permanent":
-                    upd |= {"status": TouchStatus.FAILED.value}
-                    added = self._suppress(conn, email, SuppressionReason.BOUNCED, result.detail, now)
-                    self._stop_suppressed_lead(
-                        conn, t.lead_id, SuppressionReason.BOUNCED, result.detail, now, new=added
-                    )
-                    out.append(Recorded(t.id, email, t.tier, t.step, "bounced", detail=result.detail))
-                elif outcome in ("skipped", "pending"):
-                    status = TouchStatus.SKIPPED if outcome == "skipped" else TouchStatus.PENDING
-                    new_state = replace(
-                        base, touches=(*base.touches, core.TouchView(t.tier, t.step, status.value, now))
-                    )
-                    nxt = core.next_touch(new_state, policy) if outcome == "skipped" else None
-                    upd |= {"status": status.value}
-                    lead_updates.append(
-                        {
-                            "b_id": t.lead_id,
-                            "next_step": nxt.step.id if nxt else None,
-                            "next_due_at": nxt.due_at if nxt else None,
-                            "updated_at": now,
-                        }
-                    )
-                    states[t.lead_id] = new_state
-                    out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
-                else:
-                    status = TouchStatus.UNKNOWN if outcome == "unknown" else TouchStatus.FAILED
-                    upd |= {"status": status.value}
-                    lead_updates.append(
-                        {"b_id": t.lead_id, "next_step": None, "next_due_at": None, "updated_at": now}
-                    )
-                    out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
-                touch_updates.append(upd)
-            executemany_update(conn, touches_t, touch_updates)
-            executemany_update(conn, leads_t, lead_updates)
-            self._events(conn, events)
+                )
+                states[t.lead_id] = new_state
+                out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
+            else:
+                status = TouchStatus.UNKNOWN if outcome == "unknown" else TouchStatus.FAILED
+                upd |= {"status": status.value}
+                lead_updates.append(
+                    {"b_id": t.lead_id, "next_step": None, "next_due_at": None, "updated_at": now}
+                )
+                out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
+            touch_updates.append(upd)
+        executemany_update(conn, touches_t, touch_updates)
+        executemany_update(conn, leads_t, lead_updates)
+        self._events(conn, events)
         return out
+
+    def _load_settling(
+        self, conn: Connection, touch_ids: list[int]
+    ) -> tuple[dict[int, Any], dict[int, core.LeadState], dict[int, str]]:
+        """The touches being settled, and their leads as the core sees them, in two queries.
+
+        The leads are locked for the transaction on PostgreSQL, so a concurrent change by
+        hand (an unsubscribe, a manual touch) is either seen here or waits for this.
+        """
+        lead_ids = sa.select(touches_t.c.lead_id).where(touches_t.c.id.in_(touch_ids)).scalar_subquery()
+        leads_q = (
+            sa.select(
+                leads_t.c.id,
+                leads_t.c.email,
+                leads_t.c.tier,
+                leads_t.c.status,
+                leads_t.c.touch_count,
+                leads_t.c.tier_since,
+                leads_t.c.last_touch_at,
+                leads_t.c.timezone,
+                suppressions_t.c.email.label("suppressed"),
+            )
+            .select_from(leads_t.outerjoin(suppressions_t, suppressions_t.c.email == leads_t.c.email))
+            .where(leads_t.c.id.in_(lead_ids))
+            .order_by(leads_t.c.id)
+        )
+        if self.is_postgres:
+            leads_q = leads_q.with_for_update(of=leads_t)
+        leads = conn.execute(leads_q).all()
+        touches: dict[int, list[core.TouchView]] = {}
+        rows: dict[int, Any] = {}
+        wanted = set(touch_ids)
+        for t in conn.execute(
+            sa.select(
+                touches_t.c.id,
+                touches_t.c.lead_id,
+                touches_t.c.tier,
+                touches_t.c.step,
+                touches_t.c.status,
+                touches_t.c.attempts,
+                touches_t.c.message_id,
+                touches_t.c.created_at,
+                touches_t.c.sent_at,
+                touches_t.c.lease_until,
+                touches_t.c.next_attempt_at,
+            )
+            .where(touches_t.c.lead_id.in_(lead_ids), touches_t.c.step.is_not(None))
+            .order_by(touches_t.c.id)
+        ):
+            if t.id in wanted:
+                rows[t.id] = t
+            touches.setdefault(t.lead_id, []).append(
+                core.TouchView(
+                    t.tier, t.step, t.status, t.sent_at or t.created_at, t.lease_until, t.next_attempt_at
+                )
+            )
+        states = {
+            r.id: core.LeadState(
+                tier=r.tier,
+                status=r.status,
+                touch_count=r.touch_count,
+                tier_since=r.tier_since,
+                last_touch_at=r.last_touch_at,
+                timezone=r.timezone,
+                suppressed=r.suppressed is not None,
+                touches=tuple(touches.get(r.id, ())),
+            )
+            for r in leads
+        }
+        return rows, states, {r.id: r.email for r in leads}
 
     def retry_touches(self, touch_ids: Sequence[int], *, now: datetime) -> list[TouchRecord]:
         """Re-queue ``unknown`` or ``failed`` touches after the operator has checked them."""
