@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +17,7 @@ from campaignd.config import Settings, Tier, find_config, format_duration
 from campaignd.engine import utcnow
 from campaignd.exceptions import CampaigndError, ConfigError
 from campaignd.models import LeadStatus
+from campaignd.planning import Plan, PlannedFor, summarise
 from campaignd.sequences import Policy, forecast
 from campaignd.store import LeadRecord, Store
 
@@ -161,59 +164,151 @@ def _print_status(store: Store, settings: Settings) -> None:
 @app.command()
 def plan(
     days: Annotated[int, typer.Option(help="How far ahead to look.", min=1, max=365)] = 14,
-    lead: Annotated[str | None, typer.Option(help="Only this lead (email).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many leads.", min=1)] = 200,
+    lead: Annotated[str | None, typer.Option(help="Only this lead (email): its whole timeline.")] = None,
+    tier: Annotated[Tier | None, typer.Option(help="Only leads in this tier.")] = None,
+    detail: Annotated[
+        bool, typer.Option("--detail", help="List every planned touch, not only the next ones.")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="At most this many touches listed.", min=1)] = 1000,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Forecast who gets which step when, without sending anything."""
+    """Forecast who gets which step when, without sending anything.
+
+    The same decision core as the daemon works through every active lead, as if every
+    send succeeded at its due time: what goes out each day (in the business's time
+    zone), who gets promoted to warm, who will be handed to sales.
+    """
     settings = STATE.settings()
     store = STATE.store()
     policy = Policy.from_settings(settings)
     now = utcnow()
     until = now + timedelta(days=days)
-    leads: list[LeadRecord] = (
-        [store.get_lead(lead)] if lead else list(store.list_leads(active_only=True, limit=limit))
-    )
-    states = store.lead_states(leads)
-    entries: list[dict[str, Any]] = []
-    ends: dict[str, str] = {}
-    for rec in leads:
-        fc = forecast(states[rec.id], policy, now=now, until=until)
-        ends[rec.email] = fc.end
-        for p in fc.touches:
-            entries.append(
-                {
-                    "at": p.at,
-                    "email": rec.email,
-                    "name": rec.name,
-                    "tier": p.tier,
-                    "step": p.step.id,
-                    "channel": p.step.channel.value,
-                    "template": p.step.template,
-                    "touch_number": p.touch_number,
-                    "promotes": p.promotes,
-                    "flags": p.flags,
-                    "local_time": fmt_time(p.at, rec.timezone or settings.timezone),
-                }
-            )
-    entries.sort(key=lambda e: (e["at"], e["email"]))
-    if as_json:
-        emit_json({"from": now, "until": until, "touches": entries, "leads": ends})
-        return
-    if not entries:
-        out(f"nothing planned in the next {days} days")
-    else:
-        out(f"{'when (UTC)':<17} {'lead local time':<22} {'lead':<32} {'step':<18} {'channel':<7} touch")
-    for e in entries:
-        marks = (" → warm" if e["promotes"] else "") + (" → FLAG for sales" if e["flags"] else "")
-        out(
-            f"{e['at'].strftime('%Y-%m-%d %H:%M'):<17} {e['local_time']:<22} {e['email']:<32} "
-            f"{e['tier'] + '/' + e['step']:<18} {e['channel']:<7} #{e['touch_number']}{marks}"
-        )
+    planned: list[PlannedFor] = []
+    ends: Counter[str] = Counter()
+    looked_at = 0
     if lead:
-        out(f"\n{lead}: {ends[store.get_lead(lead).email] or 'more steps after ' + str(days) + ' days'}")
+        chunks: Iterator[list[LeadRecord]] = iter([[store.get_lead(lead)]])
     else:
-        out(f"\n{len(entries)} touches planned for {len(leads)} active leads in the next {days} days")
+        chunks = _chunks(store.list_leads(active_only=True, tier=tier.value if tier else None), 500)
+    for chunk in chunks:
+        states = store.lead_states(chunk)
+        for rec in chunk:
+            looked_at += 1
+            fc = forecast(states[rec.id], policy, now=now, until=until)
+            ends[fc.end or "more after the period"] += 1
+            zone = rec.timezone or settings.timezone
+            planned.extend(PlannedFor(rec.email, rec.name, zone, p) for p in fc.touches)
+    result = summarise(planned, leads=looked_at, ends=ends, zone=settings.timezone)
+    if as_json:
+        emit_json(
+            {
+                "from": now,
+                "until": until,
+                "timezone": settings.timezone,
+                "leads": result.leads,
+                "touches_planned": result.total,
+                "days": [
+                    {
+                        "date": d.day.isoformat(),
+                        "touches": d.total,
+                        "steps": [
+                            {"tier": t, "step": s, "channel": c, "count": n}
+                            for (t, s, c), n in sorted(d.steps.items())
+                        ],
+                        "promotions": d.promotions,
+                        "flags": d.flags,
+                    }
+                    for d in result.days
+                ],
+                "ends": dict(result.ends),
+                "touches": [_planned_json(p) for p in result.touches[:limit]],
+            }
+        )
+        return
+    if lead:
+        _print_timeline(result, lead, days)
+        return
+    _print_plan(result, days=days, zone=settings.timezone, detail=detail, limit=limit)
+
+
+def _chunks(items: Iterable[LeadRecord], size: int) -> Iterator[list[LeadRecord]]:
+    chunk: list[LeadRecord] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _planned_json(p: PlannedFor) -> dict[str, Any]:
+    return {
+        "at": p.touch.at,
+        "local_time": fmt_time(p.touch.at, p.zone),
+        "email": p.email,
+        "name": p.name,
+        "tier": p.touch.tier,
+        "step": p.touch.step.id,
+        "channel": p.touch.step.channel.value,
+        "template": p.touch.step.template,
+        "touch_number": p.touch.touch_number,
+        "promotes": p.touch.promotes,
+        "flags": p.touch.flags,
+    }
+
+
+def _marks(p: PlannedFor) -> str:
+    return (" → warm" if p.touch.promotes else "") + (" → FLAG for sales" if p.touch.flags else "")
+
+
+def _print_timeline(result: Plan, email: str, days: int) -> None:
+    if not result.touches:
+        out(f"{email}: nothing planned in the next {days} days")
+    for p in result.touches:
+        out(
+            f"{p.touch.at.strftime('%Y-%m-%d %H:%M')} UTC  {fmt_time(p.touch.at, p.zone):<24} "
+            f"{p.touch.tier + '/' + p.touch.step.id:<24} {p.touch.step.channel.value:<6} "
+            f"touch #{p.touch.touch_number}{_marks(p)}"
+        )
+    [(end, _)] = result.ends.most_common(1)
+    out(f"\nthen: {end}")
+
+
+def _print_plan(result: Plan, *, days: int, zone: str, detail: bool, limit: int) -> None:
+    if not result.touches:
+        out(f"nothing planned in the next {days} days for {result.leads} active leads")
+        return
+    out(f"the next {days} days ({zone}): {result.total} touches for {result.leads} active leads\n")
+    for d in result.days:
+        extra = ", ".join(
+            x
+            for x in (
+                f"{d.promotions} promoted to warm" if d.promotions else "",
+                f"{d.flags} handed to sales" if d.flags else "",
+            )
+            if x
+        )
+        out(f"  {d.day.strftime('%a %d %b'):<12}{d.total:>7} touches" + (f"  ({extra})" if extra else ""))
+        for (t, s, c), n in sorted(d.steps.items()):
+            out(f"  {'':<12}{n:>7} × {t}/{s}" + (" (direct mail)" if c == "mail" else ""))
+    promotions = sum(d.promotions for d in result.days)
+    flags = sum(d.flags for d in result.days)
+    out(f"\nin all: {result.total} touches, {promotions} promoted to warm, {flags} handed to sales")
+    ends = [f"{n} × {end}" for end, n in result.ends.most_common() if end != "more after the period"]
+    if ends:
+        out("after that: " + "; ".join(ends))
+    shown = (result.touches if detail else result.touches[:20])[:limit]
+    width = max(len(p.email) for p in shown)
+    out(f"\n{'when (UTC)':<17} {'lead local time':<24} {'lead':<{width}} {'step':<24} {'via':<6} touch")
+    for p in shown:
+        out(
+            f"{p.touch.at.strftime('%Y-%m-%d %H:%M'):<17} {fmt_time(p.touch.at, p.zone):<24} "
+            f"{p.email:<{width}} {p.touch.tier + '/' + p.touch.step.id:<24} {p.touch.step.channel.value:<6} "
+            f"#{p.touch.touch_number}{_marks(p)}"
+        )
+    if len(shown) < result.total:
+        out(f"... {result.total - len(shown)} more ('--detail' lists them, '--json' for scripts)")
 
 
 # -- doctor -------------------------------------------------------------------------------------------
