@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
@@ -163,3 +163,58 @@ def daemon_lock(url: str) -> Iterator[None]:
         yield
     finally:
         fh.close()
+
+
+# -- moving to another database ----------------------------------------------------------
+
+
+def copy_database(
+    source: Engine, target: Engine, *, batch: int = 5000, progress: Callable[[str, int], None] | None = None
+) -> dict[str, int]:
+    """Copy everything from ``source`` into the empty database ``target`` (e.g. SQLite to
+    PostgreSQL), keeping every id, so touches, events and batches still point at their
+    leads. The target is migrated first; it must hold no rows.
+
+    :returns: the number of rows copied per table.
+    :raises DatabaseError: when the source is not at head or the target is not empty.
+    """
+    from sqlmodel import SQLModel
+
+    import campaignd.models  # noqa: F401  (registers every table)
+
+    require_head(source)
+    upgrade(target)
+    tables = SQLModel.metadata.sorted_tables
+    with target.connect() as conn:
+        busy = [
+            t.name for t in tables if conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+        ]
+    if busy:
+        raise DatabaseError(
+            f"the target database is not empty (rows in {', '.join(busy)}); copy into a new one"
+        )
+    copied: dict[str, int] = {}
+    with source.connect() as src, target.begin() as dst:
+        for table in tables:
+            count = 0
+            result = src.execution_options(yield_per=batch).execute(sa.select(table))
+            for part in result.partitions(batch):
+                dst.execute(sa.insert(table), [dict(row._mapping) for row in part])
+                count += len(part)
+                if progress is not None:
+                    progress(table.name, count)
+            copied[table.name] = count
+        if dst.dialect.name == "postgresql":
+            # Ids were copied as they are: move each sequence past the highest one.
+            for table in tables:
+                pk = list(table.primary_key.columns)
+                if (
+                    len(pk) == 1
+                    and isinstance(pk[0].type, sa.Integer)
+                    and pk[0].autoincrement in (True, "auto")
+                ):
+                    dst.exec_driver_sql(
+                        f"SELECT setval(pg_get_serial_sequence('{table.name}', '{pk[0].name}'), "  # noqa: S608
+                        f"COALESCE(MAX({pk[0].name}), 1), MAX({pk[0].name}) IS NOT NULL) FROM {table.name}"
+                    )
+    return copied

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from campaignd import database
-from campaignd.cli.app import STATE, app, emit_json, out
+from campaignd.cli.app import STATE, app, emit_json, logger, out
 from campaignd.config import find_config
 
 config_app = typer.Typer(help="Check and show the configuration.", no_args_is_help=True)
@@ -76,3 +76,39 @@ def db_current() -> None:
     out(f"database revision: {current or 'empty'}; this version needs: {head}")
     if current != head:
         raise typer.Exit(1)
+
+
+@db_app.command("copy")
+def db_copy(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            help="The new, empty database, e.g. postgresql+psycopg://campaignd@db.internal/campaignd "
+            "(give the password in PGPASSWORD, not on the command line).",
+        ),
+    ],
+) -> None:
+    """Copy the whole database into a new one, to move from SQLite to PostgreSQL.
+
+    Stop the daemon first. Every lead, touch, event, suppression, digest run and print
+    batch is copied with its id; then point database.url at the new database.
+    """
+    settings = STATE.settings()
+    source = database.create_engine(settings.database_url)
+    target = database.create_engine(to)
+    try:
+        with database.daemon_lock(settings.database_url):
+            copied = database.copy_database(
+                source, target, progress=lambda table, n: logger.debug("copied %d rows of %s", n, table)
+            )
+    finally:
+        source.dispose()
+        target.dispose()
+    for table, n in copied.items():
+        out(f"{table:<16} {n:>9} rows")
+    out(
+        f"copied {sum(copied.values())} rows; now point database.url (CAMPAIGND_DATABASE__URL) "
+        "at the new database"
+    )
