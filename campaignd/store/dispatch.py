@@ -53,7 +53,11 @@ class DispatchQueries(StoreBase):
     # -- plan bookkeeping ------------------------------------------------------------------------
 
     def replan_if_changed(self, fingerprint: str, *, now: datetime) -> int:
-        """When the sequences or rules changed, make every active lead due for re-planning."""
+        """When the sequences or rules changed, make every active lead due for re-planning.
+
+        Several daemons may start at once on one database: the fingerprint row is
+        written with an upsert, so they never trip over each other.
+        """
         with self.engine.begin() as conn:
             old = conn.execute(sa.select(meta_t.c.value).where(meta_t.c.key == "plan")).scalar()
             if old == fingerprint:
@@ -63,10 +67,8 @@ class DispatchQueries(StoreBase):
                 .where(leads_t.c.status == LeadStatus.ACTIVE.value)
                 .values(next_step=None, next_due_at=now)
             )
-            if old is None:
-                conn.execute(sa.insert(meta_t).values(key="plan", value=fingerprint))
-            else:
-                conn.execute(sa.update(meta_t).where(meta_t.c.key == "plan").values(value=fingerprint))
+            stmt = self._insert(meta_t).values(key="plan", value=fingerprint)
+            conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": fingerprint}))
             return int(result.rowcount)
 
     # -- crash recovery ----------------------------------------------------------------------------
