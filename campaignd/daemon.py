@@ -70,6 +70,11 @@ def prepare(settings: Settings, *, create_key: bool = True) -> tuple[Renderer, S
     )
     renderer = Renderer(settings=settings)
     renderer.check_or_raise(sample_links=signer.links(0, "jane.sample@example.com"))
+    if settings.digest.recipients:
+        from campaignd.digest import check_templates
+        from campaignd.digest_job import zone_of
+
+        check_templates(settings.templates, sender=settings.sender, end=utcnow(), zone=zone_of(settings))
     return renderer, signer
 
 

@@ -64,7 +64,7 @@ def demo(
     out(f"\nrunning the daemon for {for_} (Ctrl-C stops it early)...\n")
     Daemon(settings=settings, reload=STATE.reload, duration=parse_duration_option(for_)).run()
     out("")
-    _print_status(store, settings)
+    _print_status(_status(store, settings), settings)
     out(f"\nThe messages are in {settings.outbox_dir}/new/ (open any .eml file in a mail client).")
 
 
@@ -98,67 +98,111 @@ def _fmt_delay(delay: timedelta) -> str:
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Leads by tier and status, what is due, recent sends, failures and unknowns."""
+    """Leads by tier and status, what is due, recent sends, direct mail, the last digest,
+    and every touch that needs a person: unknown and failed sends."""
     settings = STATE.settings()
     store = STATE.store()
+    data = _status(store, settings)
     if as_json:
-        r = store.status_report(now=utcnow())
-        emit_json(
-            {
-                "leads": [
-                    {"tier": t, "status": s, "count": n} for (t, s), n in sorted(r.by_tier_status.items())
-                ],
-                "due_now": r.due_now,
-                "next_due_at": r.next_due_at,
-                "sent_last_24h": r.sent_last_day,
-                "touches_by_status": r.touches_by_status,
-                "suppressed": r.suppressed,
-                "unknown": [
-                    {"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error}
-                    for t, e in r.unknown
-                ],
-                "failed": [
-                    {"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error}
-                    for t, e in r.failed
-                ],
-                "flagged_last_24h": [
-                    {"email": lead.email, "flagged_at": lead.flagged_at, "reason": lead.flag_reason}
-                    for lead in r.flagged_recent
-                ],
-            }
-        )
+        emit_json(data)
         return
-    _print_status(store, settings)
+    _print_status(data, settings)
 
 
-def _print_status(store: Store, settings: Settings) -> None:
+def _status(store: Store, settings: Settings) -> dict[str, Any]:
+    from campaignd.digest_job import describe_run, zone_of
+
     now = utcnow()
     r = store.status_report(now=now)
+    runs = store.digest_runs(limit=1, kind="scheduled")
+    last_digest = runs[0] if runs else None
+    mail = {status: n for (channel, status), n in r.touches_by_channel.items() if channel == "mail"}
+    return {
+        "at": now,
+        "leads": [{"tier": t, "status": s, "count": n} for (t, s), n in sorted(r.by_tier_status.items())],
+        "due_now": r.due_now,
+        "next_due_at": r.next_due_at,
+        "sent_last_24h": r.sent_last_day,
+        "touches_by_status": r.touches_by_status,
+        "direct_mail": {
+            "waiting_for_batch": mail.get("pending", 0),
+            "exported_not_confirmed": mail.get("queued", 0),
+            "mailed": mail.get("sent", 0),
+            "skipped": mail.get("skipped", 0),
+        },
+        "suppressed": r.suppressed,
+        "last_digest": None
+        if last_digest is None
+        else {
+            "what": describe_run(last_digest, zone_of(settings)),
+            "scheduled_for": last_digest.scheduled_for,
+            "status": last_digest.status,
+            "leads": last_digest.leads,
+        },
+        "unknown": [
+            {"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error} for t, e in r.unknown
+        ],
+        "failed": [
+            {"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error} for t, e in r.failed
+        ],
+        "flagged_last_24h": [
+            {
+                "email": lead.email,
+                "name": lead.name,
+                "touches": lead.touch_count,
+                "flagged_at": lead.flagged_at,
+                "reason": lead.flag_reason,
+            }
+            for lead in r.flagged_recent
+        ],
+    }
+
+
+def _print_status(data: dict[str, Any], settings: Settings) -> None:
     statuses = [s.value for s in LeadStatus]
-    tiers = [t.value for t in Tier]
+    counts = {(row["tier"], row["status"]): row["count"] for row in data["leads"]}
     out("leads".ljust(8) + "".join(s.rjust(13) for s in statuses) + "total".rjust(9))
-    for tier in tiers:
-        row = [r.by_tier_status.get((tier, s), 0) for s in statuses]
+    for tier in [t.value for t in Tier]:
+        row = [counts.get((tier, s), 0) for s in statuses]
         out(tier.ljust(8) + "".join(str(n).rjust(13) for n in row) + str(sum(row)).rjust(9))
     out("")
-    out(f"due now:          {r.due_now}")
-    out(f"next due:         {fmt_time(r.next_due_at, settings.timezone)}")
-    out(f"sent (24h):       {r.sent_last_day}")
-    tb = r.touches_by_status
+    out(f"due now:          {data['due_now']}")
+    out(f"next due:         {fmt_time(data['next_due_at'], settings.timezone)}")
+    out(f"sent (24h):       {data['sent_last_24h']}")
+    tb = data["touches_by_status"]
     out(f"touches:          {', '.join(f'{k} {v}' for k, v in sorted(tb.items())) or 'none yet'}")
-    out(f"suppressed:       {r.suppressed}")
-    if r.flagged_recent:
-        out(f"\nflagged for sales follow-up (24h): {len(r.flagged_recent)}")
-        for lead in r.flagged_recent[:20]:
-            out(f"  {lead.email:<36} {lead.name:<24} {lead.touch_count} touches  {fmt_time(lead.flagged_at)}")
+    mail = data["direct_mail"]
+    if any(mail.values()):
+        out(
+            f"direct mail:      {mail['waiting_for_batch']} waiting for a print batch, "
+            f"{mail['exported_not_confirmed']} exported and not yet confirmed mailed, "
+            f"{mail['mailed']} mailed, {mail['skipped']} skipped (no complete address)"
+        )
+    out(f"suppressed:       {data['suppressed']}")
+    digest = data["last_digest"]
+    if digest is not None:
+        out(f"last digest:      {digest['what']}: {digest['status']}, {digest['leads']} leads")
+    elif settings.digest.recipients:
+        out("last digest:      none yet")
+    flagged = data["flagged_last_24h"]
+    if flagged:
+        out(f"\nflagged for sales follow-up (24h): {len(flagged)}")
+        for lead in flagged[:20]:
+            out(
+                f"  {lead['email']:<36} {lead['name']:<24} {lead['touches']} touches  "
+                f"{fmt_time(lead['flagged_at'], settings.timezone)}"
+            )
     for title, rows in (
-        ("UNKNOWN outcome (check, then 'campaignd touches retry ID')", r.unknown),
-        ("FAILED (check, then 'campaignd touches retry ID')", r.failed),
+        ("UNKNOWN outcome (check, then 'campaignd touches retry ID')", data["unknown"]),
+        ("FAILED (check, then 'campaignd touches retry ID')", data["failed"]),
     ):
         if rows:
             out(f"\n{title}: {len(rows)}")
-            for t, email in rows[:50]:
-                out(f"  touch {t.id:<7} {email:<36} {t.tier}/{t.step}  {(t.error or '')[:80]}")
+            for row in rows[:50]:
+                out(
+                    f"  touch {row['touch']:<7} {row['lead']:<36} {row['tier']}/{row['step']}  "
+                    f"{(row['error'] or '')[:80]}"
+                )
 
 
 @app.command()

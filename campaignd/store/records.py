@@ -172,6 +172,9 @@ class StatusReport:
     failed: list[tuple[TouchRecord, str]]
     flagged_recent: list[LeadRecord]
     suppressed: int
+    touches_by_channel: dict[tuple[str, str], int]
+    """(channel, status) -> how many touches: direct mail waiting for a batch is
+    ``("mail", "pending")``, exported and not yet confirmed ``("mail", "queued")``."""
 
 
 @dataclass(frozen=True, slots=True)

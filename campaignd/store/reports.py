@@ -64,6 +64,14 @@ class ReportQueries(StoreBase):
                 )
             ]
             suppressed = conn.execute(sa.select(sa.func.count()).select_from(suppressions_t)).scalar_one()
+            by_channel = {
+                (r.channel, r.status): int(r.n)
+                for r in conn.execute(
+                    sa.select(touches_t.c.channel, touches_t.c.status, sa.func.count().label("n")).group_by(
+                        touches_t.c.channel, touches_t.c.status
+                    )
+                )
+            }
             return StatusReport(
                 by_tier_status=by,
                 due_now=int(due_now),
@@ -74,4 +82,5 @@ class ReportQueries(StoreBase):
                 failed=attention(TouchStatus.FAILED),
                 flagged_recent=flagged,
                 suppressed=int(suppressed),
+                touches_by_channel=by_channel,
             )
