@@ -8,6 +8,7 @@ concern, one module each, and :class:`Store` combines the groups:
 - ``dispatch``: planning, claiming, marking as leaving, recording answers, recovery;
 - ``reports``: what ``campaignd status`` shows;
 - ``digest``: the flagged-lead digest and its runs;
+- ``optout``: what the unsubscribe endpoint reads and records, in batches;
 - ``mail``: direct-mail print batches.
 """
 
@@ -17,6 +18,7 @@ from campaignd.store.digest import DigestQueries
 from campaignd.store.dispatch import DispatchQueries
 from campaignd.store.leads import CONTACT_FIELDS, LeadQueries
 from campaignd.store.mail import MailQueries
+from campaignd.store.optout import OptOutQueries
 from campaignd.store.records import (
     Claim,
     ClaimPass,
@@ -33,7 +35,7 @@ from campaignd.store.records import (
 from campaignd.store.reports import ReportQueries
 
 
-class Store(LeadQueries, DispatchQueries, ReportQueries, DigestQueries, MailQueries):
+class Store(LeadQueries, DispatchQueries, ReportQueries, DigestQueries, MailQueries, OptOutQueries):
     """All reads and writes of the lead database.
 
     :param engine: a SQLAlchemy engine from :func:`campaignd.database.create_engine`.
