@@ -185,18 +185,19 @@ class Daemon:
             scheduler.add_job(
                 self._watchdog, "interval", seconds=watchdog, id="watchdog", coalesce=True, max_instances=1
             )
-        scheduler.start()
         self.scheduler = scheduler
         self._last_progress = time.monotonic()
+        # Services start before the ticker: one that cannot start (a port taken) stops
+        # the start-up before any dispatch pass has begun.
         self.services = build_services(self.settings)
         try:
             for service in self.services:
                 await service.start(self._context())
                 self._started.append(service)
         except BaseException:
-            scheduler.shutdown(wait=False)
             await self._stop_services()
             raise
+        scheduler.start()
         logger.info(
             "campaignd started: %s, dispatch every %ss, email via %s",
             self._describe_db(),

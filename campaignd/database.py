@@ -14,18 +14,23 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine, make_url
 
 from campaignd.exceptions import AlreadyRunning, DatabaseError, DatabaseNotAtHead
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# Alembic is imported where migrations are handled, not here: most commands never need
+# it, and it is a good share of the command line's start-up time.
+
 logger = logging.getLogger(__name__)
+
+READ_ONLY = "campaignd_read_only"
+"""Execution option for connections that only read: on SQLite they need no write lock."""
 
 
 def is_sqlite(url: str) -> bool:
@@ -70,8 +75,11 @@ def create_engine(url: str, *, busy_timeout_s: float = 10.0, pool_size: int = 5)
 
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: sa.Connection) -> None:
-            # Writers queue on the busy timeout instead of failing on lock upgrades.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front, so they queue on the busy timeout
+            # instead of failing on a lock upgrade; readers (``READ_ONLY``) take none and
+            # never wait behind a writer.
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
@@ -89,6 +97,8 @@ def create_engine(url: str, *, busy_timeout_s: float = 10.0, pool_size: int = 5)
 
 
 def alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(resources.files("campaignd") / "migrations"))
     cfg.attributes["engine"] = engine
@@ -96,6 +106,8 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory.from_config(alembic_config(sa.create_engine("sqlite://")))
     head = script.get_current_head()
     assert head is not None
@@ -103,6 +115,8 @@ def head_revision() -> str:
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
@@ -112,6 +126,8 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Bring the schema to the latest revision; returns (before, after)."""
+    from alembic import command
+
     before = current_revision(engine)
     command.upgrade(alembic_config(engine), "head")
     return before, head_revision()

@@ -501,6 +501,37 @@ def _doctor_checks() -> list[Check]:
                 warn=True,
             )
         )
+    if not settings.unsubscribe.listen:
+        checks.append(
+            Check(
+                "unsubscribe endpoint",
+                True,
+                "not served by this daemon (unsubscribe.listen is empty)",
+                f'set [unsubscribe] listen = "127.0.0.1:8025" and forward {base}/u/ to it',
+                warn=True,
+            )
+        )
+    else:
+        from campaignd.web import probe_listen
+
+        ok, detail = probe_listen(settings.unsubscribe.listen)
+        checks.append(
+            Check("unsubscribe endpoint", ok, detail, "free the port or change [unsubscribe] listen")
+        )
+    if not settings.digest.recipients:
+        checks.append(
+            Check(
+                "digest",
+                True,
+                "no recipients: the flagged-lead digest is not sent ('campaignd digest' shows it)",
+                "set [digest] recipients to the sales team's addresses",
+                warn=True,
+            )
+        )
+    else:
+        checks.append(
+            Check("digest", True, f"to {', '.join(settings.digest.recipients)} at {settings.digest.schedule}")
+        )
     return checks
 
 

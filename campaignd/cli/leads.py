@@ -215,14 +215,34 @@ def leads_set_tier(email: str, tier: Tier) -> None:
 
 
 @leads_app.command("unsubscribe")
-def leads_unsubscribe(email: str) -> None:
-    """Unsubscribe a lead: suppressed for good, pending steps cancelled."""
+def leads_unsubscribe(
+    email: str,
+    note: Annotated[str, typer.Option(help="How the request came (a reply, a call, the mailbox).")] = "",
+) -> None:
+    """Unsubscribe an address: suppressed for good, every pending step cancelled.
+
+    Works for an address that is not a lead (yet): a later import will not add it.
+    """
+    from campaignd.importer import normalise_email
+
+    try:
+        address = normalise_email(email)
+    except ValueError as exc:
+        raise CampaigndError(f"{email!r} is not an email address: {exc}") from None
     store = STATE.store()
-    lead = store.get_lead(email)
-    store.suppress(
-        lead.email, reason=SuppressionReason.UNSUBSCRIBED, detail="from the command line", now=utcnow()
+    added = store.suppress(
+        address,
+        reason=SuppressionReason.UNSUBSCRIBED,
+        detail=note or "from the command line",
+        now=utcnow(),
     )
-    out(f"{lead.email} unsubscribed; it will not be contacted again")
+    known = store.find_lead_by_email(address) is not None
+    if not added:
+        out(f"{address} was already on the suppression list; it will not be contacted")
+    elif known:
+        out(f"{address} unsubscribed: nothing more will be sent to it")
+    else:
+        out(f"{address} is not a lead; it is now on the suppression list, so no import will add it")
 
 
 @leads_app.command("pause")

@@ -16,6 +16,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from campaignd import sequences as core
+from campaignd.database import READ_ONLY
 from campaignd.models import (
     DigestRun,
     EventKind,
@@ -50,6 +51,9 @@ class StoreBase:
 
     def __init__(self, *, engine: Engine) -> None:
         self.engine = engine
+        """Transactions that write (``self.engine.begin()``)."""
+        self.reader = engine.execution_options(**{READ_ONLY: True})
+        """Connections that only read (``self.reader.connect()``): no write lock on SQLite."""
         self.is_postgres = engine.dialect.name == "postgresql"
 
     def _insert(self, table: sa.Table) -> Any:
@@ -140,8 +144,10 @@ class StoreBase:
             self._insert(suppressions_t)
             .values(email=email, reason=reason.value, detail=detail, created_at=now)
             .on_conflict_do_nothing(index_elements=["email"])
+            .returning(suppressions_t.c.email)
         )
-        return bool(conn.execute(stmt).rowcount)
+        # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING.
+        return conn.execute(stmt).first() is not None
 
     def _stop_suppressed_lead(
         self,

@@ -180,12 +180,12 @@ class DigestQueries(StoreBase):
                 )
                 .order_by(leads_t.c.flagged_at.desc(), leads_t.c.id.desc())
             ).all()
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             totals = self._totals(conn, start, end)
         timelines: dict[int, list[TimelineEntry]] = {}
         ids = [r.id for r in rows]
         for begin in range(0, len(ids), CHUNK):
-            with self.engine.connect() as conn:
+            with self.reader.connect() as conn:
                 timelines.update(self._timelines(conn, ids[begin : begin + CHUNK]))
         leads = tuple(
             DigestLead(
@@ -267,7 +267,7 @@ class DigestQueries(StoreBase):
     def scheduled_period_start(self, *, before: datetime) -> datetime:
         """Where the scheduled digest firing at ``before`` starts: the end of the latest
         earlier scheduled digest that reached anyone (or may have), else the beginning."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return self._covered_until(conn, before)
 
     def _covered_until(self, conn: Connection, before: datetime) -> datetime:
@@ -507,7 +507,7 @@ class DigestQueries(StoreBase):
         return [run for run in (self.get_digest_run(i) for i in orphans) if run is not None]
 
     def due_digest_retries(self, *, now: datetime) -> list[DigestRunRecord]:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(
                 sa.select(digest_runs_t)
                 .where(
@@ -521,7 +521,7 @@ class DigestQueries(StoreBase):
     def next_digest_wakeup(self) -> datetime | None:
         """When a run next needs looking at: a retry falls due, or a stopped sender's lease
         runs out."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             retry = conn.execute(
                 sa.select(sa.func.min(digest_runs_t.c.next_attempt_at)).where(
                     digest_runs_t.c.status == RunStatus.RETRY.value
@@ -538,7 +538,7 @@ class DigestQueries(StoreBase):
         return min(times) if times else None
 
     def get_digest_run(self, run_id: int) -> DigestRunRecord | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(sa.select(digest_runs_t).where(digest_runs_t.c.id == run_id)).first()
         return None if row is None else _run(row)
 
@@ -549,7 +549,7 @@ class DigestQueries(StoreBase):
         )
         if kind:
             query = query.where(digest_runs_t.c.kind == kind)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return [_run(r) for r in conn.execute(query.limit(limit))]
 
 

@@ -589,6 +589,6 @@ class DispatchQueries(StoreBase):
         return rows
 
     def get_touch(self, touch_id: int) -> TouchRecord | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(sa.select(touches_t).where(touches_t.c.id == touch_id)).first()
         return None if row is None else touch_record(row)

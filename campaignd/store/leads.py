@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import json
+import operator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -10,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from campaignd import sequences as core
-from campaignd.exceptions import CampaigndError, UnknownLead
+from campaignd.exceptions import CampaigndError, DatabaseError, UnknownLead
 from campaignd.models import EventKind, LeadStatus, SuppressionReason, TouchStatus
 from campaignd.store.base import CHUNK, StoreBase, events_t, leads_t, suppressions_t, touches_t
 from campaignd.store.records import (
@@ -49,7 +51,13 @@ class LeadQueries(StoreBase):
     # -- import ------------------------------------------------------------------------------
 
     def upsert_leads(
-        self, rows: Sequence[LeadInput], *, tier: str, now: datetime, dry_run: bool = False
+        self,
+        rows: Sequence[LeadInput],
+        *,
+        tier: str,
+        now: datetime,
+        dry_run: bool = False,
+        opted_out: Collection[str] = (),
     ) -> UpsertCounts:
         """Insert new leads and update the contact fields of known ones, in one transaction.
 
@@ -57,103 +65,229 @@ class LeadQueries(StoreBase):
         a new lead whose address is suppressed arrives already unsubscribed or bounced.
         Rows are matched on the normalised email; within ``rows`` the last one wins.
         With ``dry_run`` everything is worked out and nothing is written.
+
+        :raises DatabaseError: when the database refuses the write; nothing of ``rows`` is
+            written then.
+        :param opted_out: addresses among ``rows`` whose source says they opted out of
+            email: they go on the suppression list (as unsubscribed) and their leads stop,
+            new or known. A known lead stopped this way counts as updated.
         """
         counts = UpsertCounts()
         latest: dict[str, LeadInput] = {}
         for row in rows:
             latest[row.email] = row
-        emails = list(latest)
-        with self.engine.begin() as conn:
-            for start in range(0, len(emails), CHUNK):
-                chunk = emails[start : start + CHUNK]
-                self._upsert_chunk(conn, [latest[e] for e in chunk], tier, now, counts)
-            if dry_run:
-                conn.rollback()
+        unique = list(latest.values())
+        opted = frozenset(opted_out)
+        try:
+            with self.engine.begin() as conn:
+                for start in range(0, len(unique), CHUNK):
+                    self._upsert_chunk(conn, unique[start : start + CHUNK], tier, now, counts, opted)
+                if dry_run:
+                    conn.rollback()
+        except sa.exc.OperationalError as exc:  # locked past the busy timeout, disk full, gone away
+            raise DatabaseError(f"the database refused the write: {exc.orig}") from None
         return counts
 
     def _upsert_chunk(
-        self, conn: Connection, rows: list[LeadInput], tier: str, now: datetime, counts: UpsertCounts
+        self,
+        conn: Connection,
+        rows: list[LeadInput],
+        tier: str,
+        now: datetime,
+        counts: UpsertCounts,
+        opted_out: frozenset[str] = frozenset(),
     ) -> None:
-        emails = [r.email for r in rows]
-        cols = [leads_t.c.id, leads_t.c.email, leads_t.c.custom] + [leads_t.c[f] for f in CONTACT_FIELDS]
-        existing = {r.email: r for r in conn.execute(sa.select(*cols).where(leads_t.c.email.in_(emails)))}
-        suppressed = dict(
-            conn.execute(
-                sa.select(suppressions_t.c.email, suppressions_t.c.reason).where(
-                    suppressions_t.c.email.in_(emails)
-                )
-            ).all()
+        # The import's hot path: a million rows pass through here. Rows are read and written
+        # with plain SQL over the driver, executemany on SQLite and one statement over arrays
+        # on PostgreSQL, the constant values converted once: SQLAlchemy's per-row parameter
+        # processing made these inserts five times slower (16,000 rows/s against 85,000).
+        dialect = conn.dialect
+        to_time = leads_t.c.created_at.type.dialect_impl(dialect).bind_processor(dialect)
+        try:
+            stamp = to_time(now) if to_time else now
+        except ValueError as exc:  # a naive datetime: refused as by any other write of the store
+            raise sa.exc.StatementError(str(exc), "INSERT INTO leads", None, exc) from None
+        # PostgreSQL gets JSON text and casts it in SQL; SQLite gets what its JSON type binds.
+        to_json: Callable[[Any], Any] = (
+            json.dumps
+            if self.is_postgres
+            else leads_t.c.custom.type.dialect_impl(dialect).bind_processor(dialect) or json.dumps
         )
-        inserts: list[dict[str, Any]] = []
-        updates: list[dict[str, Any]] = []
+        empty_json = to_json({})
+        contact = operator.attrgetter(*CONTACT_FIELDS)
+        opt_out_detail = "opted out in an imported lead file"
+
+        def select_by_email(columns: str, table: str, emails: list[str]) -> list[Any]:
+            # Raw SQL over the tables' own column names: no per-call compiling of hundreds
+            # of placeholders.
+            params: tuple[Any, ...]
+            if self.is_postgres:
+                sql, params = f"SELECT {columns} FROM {table} WHERE email = ANY(%s)", (emails,)  # noqa: S608
+            else:
+                marks = ", ".join("?" * len(emails))
+                sql, params = f"SELECT {columns} FROM {table} WHERE email IN ({marks})", tuple(emails)  # noqa: S608
+            return list(conn.exec_driver_sql(sql, params))
+
+        def array_sql(name: str, sql_type: str) -> str:
+            return f"%({name})s::{sql_type}[]"
+
+        emails = [r.email for r in rows]
+        # email -> (id, custom as stored, the contact fields in CONTACT_FIELDS order)
+        existing = {
+            r[1]: (r[0], r[2], tuple(r[3:]))
+            for r in select_by_email(f"id, email, custom, {', '.join(CONTACT_FIELDS)}", "leads", emails)
+        }
+        suppressed: dict[str, str] = {
+            email: reason for email, reason in select_by_email("email, reason", "suppressions", emails)
+        }
+        newly = {e for e in emails if e in opted_out and e not in suppressed}
+        if newly:
+            conn.execute(
+                self._insert(suppressions_t).on_conflict_do_nothing(index_elements=["email"]),
+                [
+                    {
+                        "email": e,
+                        "reason": SuppressionReason.UNSUBSCRIBED.value,
+                        "detail": opt_out_detail,
+                        "created_at": now,
+                    }
+                    for e in sorted(newly)
+                ],
+            )
+
+        fresh: list[LeadInput] = []
+        stop: list[int] = []
+        updates: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
         for row in rows:
             old = existing.get(row.email)
             if old is None:
-                status = LeadStatus.ACTIVE.value
-                if row.email in suppressed:
-                    counts.suppressed += 1
-                    status = (
-                        LeadStatus.BOUNCED.value
-                        if suppressed[row.email] == SuppressionReason.BOUNCED
-                        else LeadStatus.UNSUBSCRIBED.value
-                    )
-                inserts.append(
-                    {
-                        "email": row.email,
-                        **{f: getattr(row, f) for f in CONTACT_FIELDS},
-                        "custom": row.custom,
-                        "tier": row.tier or tier,
-                        "status": status,
-                        "touch_count": 0,
-                        "tier_since": now,
-                        # Due at once: the next dispatch pass plans it with the core.
-                        "next_due_at": now if status == LeadStatus.ACTIVE else None,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
+                fresh.append(row)
                 continue
-            # Blank cells never erase what is stored; custom fields merge.
-            changes = {
-                f: getattr(row, f)
-                for f in CONTACT_FIELDS
-                if getattr(row, f) and getattr(row, f) != getattr(old, f)
-            }
-            merged_custom = {**(old.custom or {}), **row.custom}
-            if merged_custom != (old.custom or {}):
-                changes["custom"] = merged_custom
+            lead_id, stored_custom, stored = old
+            new = contact(row)
+            changes: dict[str, Any] = {}
+            if new != stored:
+                # Blank cells never erase what is stored.
+                changes = {
+                    f: v for f, v, was in zip(CONTACT_FIELDS, new, stored, strict=True) if v and v != was
+                }
+            if row.custom:
+                # Custom fields merge. PostgreSQL hands JSON back decoded, SQLite as text.
+                was_custom = json.loads(stored_custom) if isinstance(stored_custom, str) else stored_custom
+                was_custom = was_custom or {}
+                merged = {**was_custom, **row.custom}
+                if merged != was_custom:
+                    changes["custom"] = to_json(merged)
             if changes:
-                updates.append({"b_id": old.id, **changes})
+                updates.setdefault(tuple(changes), []).append((*changes.values(), lead_id))
+            if row.email in newly:
+                stop.append(lead_id)
+            if changes or row.email in newly:
+                counts.updated += 1
             else:
                 counts.unchanged += 1
-        if inserts:
-            conn.execute(sa.insert(leads_t), inserts)
-            counts.inserted += len(inserts)
-        # Group updates by the set of changed columns so each group is one executemany.
-        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-        for upd in updates:
-            groups.setdefault(tuple(sorted(k for k in upd if k != "b_id")), []).append(upd)
-        for keys, params in groups.items():
-            values: dict[str, Any] = {k: sa.bindparam(k) for k in keys}
-            values["updated_at"] = now
-            conn.execute(
-                sa.update(leads_t).where(leads_t.c.id == sa.bindparam("b_id")).values(values),
-                params,
+
+        if fresh:
+            names = ("email", *CONTACT_FIELDS, "custom", "tier", "status")
+            values = []
+            for row in fresh:
+                reason = suppressed.get(row.email)
+                if reason is not None:
+                    counts.suppressed += 1
+                elif row.email in newly:
+                    reason = SuppressionReason.UNSUBSCRIBED.value
+                status = LeadStatus.ACTIVE.value
+                if reason is not None:
+                    status = (
+                        LeadStatus.BOUNCED.value
+                        if reason == SuppressionReason.BOUNCED
+                        else LeadStatus.UNSUBSCRIBED.value
+                    )
+                custom = to_json(row.custom) if row.custom else empty_json
+                values.append((row.email, *contact(row), custom, row.tier or tier, status))
+            # A new lead is due at once: the next dispatch pass plans its first step.
+            head = (
+                f"INSERT INTO leads ({', '.join(names)}, "
+                "touch_count, tier_since, next_due_at, created_at, updated_at)"
             )
-            counts.updated += len(params)
+            if self.is_postgres:
+                # ON CONFLICT: another import may add the same address at the same moment;
+                # those rows are read again below and become updates.
+                arrays = ", ".join(array_sql(n, "json" if n == "custom" else "varchar") for n in names)
+                result = conn.exec_driver_sql(
+                    f"{head} SELECT {', '.join('u.' + n for n in names)}, 0, %(now)s, "  # noqa: S608 - the table's own column names
+                    "CASE WHEN u.status = %(active)s THEN %(now)s END, %(now)s, %(now)s "
+                    f"FROM unnest({arrays}) AS u({', '.join(names)}) "
+                    "ON CONFLICT (email) DO NOTHING RETURNING email",
+                    {
+                        **{
+                            n: list(column)
+                            for n, column in zip(names, zip(*values, strict=True), strict=True)
+                        },
+                        "now": stamp,
+                        "active": LeadStatus.ACTIVE.value,
+                    },
+                )
+                inserted = set(result.scalars())
+            else:
+                conn.exec_driver_sql(
+                    f"{head} VALUES ({', '.join('?' * (len(names) + 5))})",
+                    [
+                        (*v, 0, stamp, stamp if v[-1] == LeadStatus.ACTIVE.value else None, stamp, stamp)
+                        for v in values
+                    ],
+                )
+                inserted = {v[0] for v in values}
+            counts.inserted += len(inserted)
+            taken = [row for row in fresh if row.email not in inserted]
+            if taken:
+                self._upsert_chunk(conn, taken, tier, now, counts)
+                stopped = [r.email for r in taken if r.email in newly]
+                if stopped:
+                    stop += [r[0] for r in select_by_email("id", "leads", stopped)]
+
+        # Each group of rows changing the same columns is one statement.
+        for keys, rows_params in updates.items():
+            if self.is_postgres:
+                columns = list(zip(*rows_params, strict=True))
+                arrays = ", ".join(array_sql(k, "json" if k == "custom" else "varchar") for k in keys)
+                conn.exec_driver_sql(
+                    f"UPDATE leads SET {', '.join(f'{k} = u.{k}' for k in keys)}, updated_at = %(now)s "  # noqa: S608 - the table's own column names
+                    f"FROM unnest({arrays}, %(b_id)s::bigint[]) AS u({', '.join(keys)}, b_id) "
+                    "WHERE leads.id = u.b_id",
+                    {
+                        **{k: list(column) for k, column in zip(keys, columns, strict=False)},
+                        "b_id": list(columns[-1]),
+                        "now": stamp,
+                    },
+                )
+            else:
+                conn.exec_driver_sql(
+                    f"UPDATE leads SET {', '.join(f'{k} = ?' for k in keys)}, updated_at = ? WHERE id = ?",  # noqa: S608 - the table's own column names
+                    [(*p[:-1], stamp, p[-1]) for p in rows_params],
+                )
+        for lead_id in stop:
+            self._stop_suppressed_lead(
+                conn, lead_id, SuppressionReason.UNSUBSCRIBED, opt_out_detail, now, new=True
+            )
 
     # -- reading -------------------------------------------------------------------------------
 
     def get_lead(self, email: str) -> LeadRecord:
         """The lead with this address; raises :class:`UnknownLead` if there is none."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(sa.select(leads_t).where(leads_t.c.email == email.strip().lower())).first()
         if row is None:
             raise UnknownLead(f"no lead with the address {email!r}")
         return lead_record(row)
 
+    def find_lead_by_email(self, email: str) -> LeadRecord | None:
+        with self.reader.connect() as conn:
+            row = conn.execute(sa.select(leads_t).where(leads_t.c.email == email.strip().lower())).first()
+        return None if row is None else lead_record(row)
+
     def find_lead(self, lead_id: int) -> LeadRecord | None:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             row = conn.execute(sa.select(leads_t).where(leads_t.c.id == lead_id)).first()
         return None if row is None else lead_record(row)
 
@@ -175,18 +309,18 @@ class LeadQueries(StoreBase):
             query = query.where(leads_t.c.status == LeadStatus.ACTIVE.value)
         if limit:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             result = conn.execution_options(yield_per=1000).execute(query)
             for row in result:
                 yield lead_record(row)
 
     def count_leads(self) -> int:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(leads_t)).scalar_one())
 
     def touches_for(self, lead_id: int) -> list[TouchRecord]:
         """A lead's touches, oldest first."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(
                 sa.select(touches_t)
                 .where(touches_t.c.lead_id == lead_id)
@@ -196,7 +330,7 @@ class LeadQueries(StoreBase):
 
     def events_for(self, lead_id: int) -> list[EventRecord]:
         """What happened to a lead besides touches (promoted, flagged, ...), oldest first."""
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(
                 sa.select(events_t)
                 .where(events_t.c.lead_id == lead_id)
@@ -205,11 +339,11 @@ class LeadQueries(StoreBase):
             return [EventRecord(r.id, r.lead_id, r.kind, r.at, r.detail) for r in rows]
 
     def lead_state(self, lead: LeadRecord) -> core.LeadState:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return self._states(conn, [lead.id])[lead.id]
 
     def lead_states(self, leads: Sequence[LeadRecord]) -> dict[int, core.LeadState]:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             return self._states(conn, [lead.id for lead in leads])
 
     # -- changes by hand ------------------------------------------------------------------------
@@ -330,12 +464,12 @@ class LeadQueries(StoreBase):
         return SuppressionRecord(row.email, row.reason, row.detail, row.created_at)
 
     def suppressions(self) -> list[SuppressionRecord]:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             rows = conn.execute(sa.select(suppressions_t).order_by(suppressions_t.c.created_at))
             return [SuppressionRecord(r.email, r.reason, r.detail, r.created_at) for r in rows]
 
     def is_suppressed(self, email: str) -> bool:
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             found = conn.execute(
                 sa.select(suppressions_t.c.email).where(suppressions_t.c.email == email.strip().lower())
             ).first()

@@ -14,7 +14,7 @@ from campaignd.store.records import StatusReport, TouchRecord, lead_record, touc
 class ReportQueries(StoreBase):
     def status_report(self, *, now: datetime, recent: timedelta = timedelta(days=1)) -> StatusReport:
         since = now - recent
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             by = {
                 (r.tier, r.status): r.n
                 for r in conn.execute(
