@@ -70,6 +70,11 @@ class Delivery:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+FALLBACK = "fallback"
+"""The key of :attr:`Delivery.extra` by which a channel that skipped a message asks for it
+to go by another channel instead (``"email"``): the dispatcher then sends the step's email."""
+
+
 class Channel(Protocol):
     """Something that delivers :class:`Outgoing` messages.
 

@@ -8,6 +8,7 @@ the operator can fix the file. Pure data; imports nothing from the package.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 ISO_CODES = frozenset(
     [
@@ -334,6 +335,7 @@ _NAMES = {
 _PUNCT = re.compile(r"[.\s_-]+")
 
 
+@lru_cache(maxsize=4096)
 def country_code(text: str) -> str | None:
     """The ISO alpha-2 code for ``text`` (a code or a common name), or None if unknown.
 

@@ -23,15 +23,17 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from campaignd import database
 from campaignd.channels import Channel
+from campaignd.config import Channel as ChannelKind
 from campaignd.config import Settings
 from campaignd.engine import Dispatcher, PassReport, describe_error, utcnow
 from campaignd.exceptions import CampaigndError
-from campaignd.render import Renderer
+from campaignd.render import LetterCheck, Renderer
 from campaignd.sequences import Policy
 from campaignd.services import Service, ServiceContext, build_services
 from campaignd.store import Store
@@ -61,6 +63,16 @@ def build_channels(settings: Settings) -> dict[str, Channel]:
     return {"email": email, "mail": DirectMailChannel(settings=settings.print)}
 
 
+def letter_checks(settings: Settings) -> list[LetterCheck]:
+    """The print checks of direct-mail steps (page format, fonts, the address window)."""
+    if not any(s.channel == ChannelKind.MAIL for seq in settings.sequences.values() for s in seq.steps):
+        return []
+    from campaignd.printing import PrintCheck
+
+    today = utcnow().astimezone(ZoneInfo(settings.timezone)).date()
+    return [PrintCheck(settings=settings, day=today)]
+
+
 def prepare(settings: Settings, *, create_key: bool = True) -> tuple[Renderer, Signer]:
     """Validate templates against config; raises TemplateError with file and line."""
     signer = Signer(
@@ -68,7 +80,7 @@ def prepare(settings: Settings, *, create_key: bool = True) -> tuple[Renderer, S
         base_url=settings.unsubscribe.base_url,
         mailto=settings.unsubscribe.mailto,
     )
-    renderer = Renderer(settings=settings)
+    renderer = Renderer(settings=settings, letter_checks=letter_checks(settings))
     renderer.check_or_raise(sample_links=signer.links(0, "jane.sample@example.com"))
     if settings.digest.recipients:
         from campaignd.digest import check_templates

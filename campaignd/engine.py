@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
-from campaignd.channels import Channel, Delivery, Outcome, Outgoing
+from campaignd.channels import FALLBACK, Channel, Delivery, Outcome, Outgoing
 from campaignd.config import Channel as ChannelKind
 from campaignd.config import Settings
 from campaignd.message import build_email, message_id
@@ -190,6 +190,8 @@ class Dispatcher:
         self.channels = dict(channels)
         self.clock = clock
         self.stopping = asyncio.Event()
+        self._open: dict[str, Channel] = {}
+        """The channels opened in the current pass, by kind."""
         self._unavailable: dict[str, int] = {}
         """Consecutive passes in which a channel could not be reached, per channel kind."""
         self.reconfigure(settings=settings, renderer=renderer, signer=signer)
@@ -259,17 +261,17 @@ class Dispatcher:
             lanes[kind].queue.put_nowait(claim)
 
         halt = asyncio.Event()
-        opened: list[Channel] = []
+        self._open = {}
         try:
             workers: list[Awaitable[None]] = []
             for lane in lanes.values():
                 await lane.channel.open()
-                opened.append(lane.channel)
+                self._open[lane.kind] = lane.channel
                 for _ in range(max(1, lane.channel.concurrency)):
                     workers.append(self._work(lane, advancer, report, halt))
             await asyncio.gather(*workers)
         finally:
-            for channel in opened:
+            for channel in self._open.values():
                 try:
                     await channel.close()
                 except Exception as exc:
@@ -355,8 +357,12 @@ class Dispatcher:
             if not ours:
                 logger.warning("touch %s is no longer ours (lease taken over); not sending", claim.touch_id)
                 continue
+            channel_used = None
             try:
                 delivery = await lane.channel.send(outgoing)
+                if delivery.outcome == Outcome.SKIPPED and delivery.extra.get(FALLBACK) == ChannelKind.EMAIL:
+                    delivery, outgoing = await self._fall_back(claim, delivery, outgoing)
+                    channel_used = ChannelKind.EMAIL.value
             except Exception as exc:
                 # A channel must answer, not raise; if it does, the message may have left.
                 logger.exception("channel %s failed on touch %d", lane.kind, claim.touch_id)
@@ -370,9 +376,35 @@ class Dispatcher:
                 self._backoff(lane, delivery.detail)
             answered.append(
                 Result(
-                    claim.touch_id, delivery.outcome.value, delivery.detail, outgoing.message_id, retry_after
+                    claim.touch_id,
+                    delivery.outcome.value,
+                    delivery.detail,
+                    outgoing.message_id,
+                    retry_after,
+                    channel=channel_used if delivery.outcome != Outcome.SKIPPED else None,
                 )
             )
+
+    async def _fall_back(
+        self, claim: Claim, skipped: Delivery, letter: Outgoing
+    ) -> tuple[Delivery, Outgoing]:
+        """A channel could not deliver the step its way and asked for it by email instead
+        (a letter to a lead without a postal address). The touch is already marked as
+        leaving, so this is still the one send of the step."""
+        try:
+            outgoing = self._build(claim, as_email=True)
+        except RenderError as exc:
+            detail = f"{skipped.detail}; its email cannot be made: {exc}"
+            return Delivery(claim.touch_id, Outcome.SKIPPED, detail), letter
+        email = self.channels[ChannelKind.EMAIL.value]
+        if ChannelKind.EMAIL.value not in self._open:
+            await email.open()
+            self._open[ChannelKind.EMAIL.value] = email
+        delivery = await email.send(outgoing)
+        if delivery.outcome == Outcome.SENT:
+            detail = f"by email ({skipped.detail}): {delivery.detail}"
+            delivery = Delivery(delivery.touch_id, delivery.outcome, detail, delivery.code)
+        return delivery, outgoing
 
     def _next(
         self, lane: _Lane, halt: asyncio.Event, answered: list[Result]
@@ -396,11 +428,15 @@ class Dispatcher:
                 lane.gone.append(claim)
         return None, None
 
-    def _build(self, claim: Claim) -> Outgoing:
+    def _build(self, claim: Claim, *, as_email: bool = False) -> Outgoing:
+        """The message for ``claim``; ``as_email`` builds a ``mail`` step's email instead
+        (its ``.subject``/``.html``/``.txt`` beside the print template)."""
         found = self._steps.get((claim.tier, claim.step))
         if found is None:
             raise _StepGone
         index, step = found
+        if as_email:
+            step = step.model_copy(update={"channel": ChannelKind.EMAIL})
         lead = claim.lead
         links = self.signer.links(lead.id, lead.email)
         context = lead_context(lead)

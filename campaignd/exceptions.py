@@ -80,3 +80,11 @@ class ImportFileError(CampaigndError):
 
 class DeliveryError(CampaigndError):
     """A message could not be handed to its channel."""
+
+
+class PrintError(CampaigndError):
+    """A print batch could not be made."""
+
+
+class ExportBusy(CampaigndError):
+    """Another print batch export is running."""

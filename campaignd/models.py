@@ -205,7 +205,15 @@ class LeadEvent(SQLModel, table=True):
 
 
 class DigestRun(SQLModel, table=True):
-    """One flagged-lead digest: what period it covered and whether it went out."""
+    """One flagged-lead digest: what period it covered and whether it went out.
+
+    ``status`` is ``pending`` (recorded, being built; nothing has left), ``sending``
+    (committed just before the message leaves), ``sent`` (every recipient took it),
+    ``partial`` (some did), ``retry`` (a recipient's server was unavailable; tried again at
+    ``next_attempt_at``), ``failed`` (nobody got it), ``unknown`` (campaignd stopped while
+    it was on the wire; never resent by itself) or ``empty`` (nothing was flagged, and
+    empty digests are not sent).
+    """
 
     __tablename__ = "digest_runs"
 
@@ -219,6 +227,13 @@ class DigestRun(SQLModel, table=True):
     status: str = Field(sa_type=sa.String(16))
     leads: int = 0
     recipients: str = Field(default="", sa_type=sa.Text)
+    """Everyone it is addressed to, comma-separated, as configured when it was recorded."""
+    deliveries: dict[str, str] = Field(default_factory=dict, sa_type=sa.JSON)
+    """Per recipient address: ``sent``, ``refused``, ``retry``, ``failed`` or ``unknown``."""
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    lease_until: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    """While ``pending`` or ``sending``: when a stopped sender's run may be recovered."""
     message_id: str | None = Field(default=None, sa_type=sa.String(255))
     error: str | None = Field(default=None, sa_type=sa.Text)
     created_at: datetime = Field(sa_type=UTCDateTime)

@@ -55,5 +55,17 @@ class Service(Protocol):
 
 def build_services(settings: Settings) -> list[Service]:
     """The services this configuration asks for, in start order."""
-    services: list[Service] = []
+    from campaignd.digest_job import DigestService
+    from campaignd.web import UnsubscribeEndpoint
+
+    # First, so that a port already taken stops the start-up before any other service runs.
+    # Always registered: with unsubscribe.listen empty it serves nothing until a reload sets it.
+    services: list[Service] = [UnsubscribeEndpoint()]
+    # Always registered: with no digest.recipients it schedules nothing until a reload adds some.
+    services.append(DigestService())
+    # Always registered: with no print schedule and no when_waiting it exports only by hand
+    # ('campaignd mail export'), but still finishes what a stopped export left at start-up.
+    from campaignd.directmail import PrintBatchService
+
+    services.append(PrintBatchService())
     return services

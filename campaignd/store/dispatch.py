@@ -180,12 +180,19 @@ class DispatchQueries(StoreBase):
                             "status": TouchStatus.CLAIMED.value,
                             "claimed_by": excluded.c.claimed_by,
                             "lease_until": excluded.c.lease_until,
+                            # A step cancelled while its lead was paused starts afresh.
+                            "attempts": sa.case(
+                                (touches_t.c.status == TouchStatus.CANCELLED.value, 0),
+                                else_=touches_t.c.attempts,
+                            ),
                             "updated_at": now,
                         },
                         # Only work that never left may be taken again: a retry that is due,
-                        # or a claim whose daemon let its lease run out.
+                        # a claim whose daemon let its lease run out, or a step cancelled
+                        # before it left (planned again after the lead was resumed).
                         where=sa.or_(
                             touches_t.c.status == TouchStatus.RETRY.value,
+                            touches_t.c.status == TouchStatus.CANCELLED.value,
                             sa.and_(
                                 touches_t.c.status == TouchStatus.CLAIMED.value,
                                 touches_t.c.lease_until <= now,
@@ -390,6 +397,8 @@ class DispatchQueries(StoreBase):
                 "sent_at": None,
             }
             outcome = result.outcome
+            if result.channel:
+                upd["channel"] = result.channel
             if outcome == "sent":
                 after = core.apply_touch(base, policy, at=now, tier=t.tier, step=t.step)
                 new_state = core.with_touch(base, after, core.TouchView(t.tier, t.step, "sent", now))

@@ -136,6 +136,8 @@ class Result:
     message_id: str | None = None
     retry_after: timedelta | None = None
     """For ``unavailable``: how long the channel is backed off."""
+    channel: str | None = None
+    """The channel the step went by when not its own (a letter sent as an email)."""
 
 
 @dataclass(frozen=True, slots=True)
