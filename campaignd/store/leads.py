@@ -122,14 +122,15 @@ class LeadQueries(StoreBase):
             # of placeholders.
             params: tuple[Any, ...]
             if self.is_postgres:
-                sql, params = f"SELECT {columns} FROM {table} WHERE email = ANY(%s)", (emails,)  # noqa: S608
+                sql, params = f"SELECT {columns} FROM {table} WHERE email = ANY(%b)", (emails,)  # noqa: S608
             else:
                 marks = ", ".join("?" * len(emails))
                 sql, params = f"SELECT {columns} FROM {table} WHERE email IN ({marks})", tuple(emails)  # noqa: S608
             return list(conn.exec_driver_sql(sql, params))
 
         def array_sql(name: str, sql_type: str) -> str:
-            return f"%({name})s::{sql_type}[]"
+            # Sent in binary: psycopg quotes text arrays one element at a time, ten times slower.
+            return f"%({name})b::{sql_type}[]"
 
         emails = [r.email for r in rows]
         # email -> (id, custom as stored, the contact fields in CONTACT_FIELDS order)
