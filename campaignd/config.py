@@ -20,7 +20,7 @@ from datetime import datetime, time, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dotenv import dotenv_values
@@ -378,9 +378,101 @@ class Outbox(_Strict):
     """Maildir that receives every email when no relay is set (relative to the state directory)."""
 
 
+_LETTER_PAPER_COUNTRIES = frozenset({"US", "CA", "MX", "PH", "CL", "CO", "VE", "GT", "DO", "CR", "PA"})
+
+
 class PrintSettings(_Strict):
+    """Direct mail: print batches for the print shop or mailing house (``[print]``)."""
+
     path: Path = Path("print")
-    """Where direct-mail pieces are written for the print shop (relative to the state directory)."""
+    """Where print batches are written (relative to the state directory)."""
+    country: str = "US"
+    """The country the pieces are posted from: leads without a country live there, and
+    mail to it carries no country line."""
+    paper: Literal["A4", "letter"] = "letter"
+    """Letters on ``A4`` (DIN 5008 window, DL envelopes; postcards A6) or US ``letter``
+    (#10 window envelopes; postcards 6 x 4 in). Default: ``letter`` when posting from the
+    US or Canada, ``A4`` elsewhere."""
+    schedule: str = "0 15 * * mon-fri"
+    """When waiting pieces are exported as a batch: a cron expression (minute hour day
+    month weekday) in ``timezone``; empty for no scheduled export."""
+    timezone: TimeZoneName | None = None
+    """The schedule's time zone; the business's ``timezone`` when unset."""
+    when_waiting: int = Field(default=0, ge=0, le=1_000_000)
+    """Also export as soon as this many pieces are waiting (0: only on the schedule)."""
+    max_pieces: int = Field(default=5000, ge=1, le=100_000)
+    """At most this many pieces in one batch; the rest go in the next."""
+    count_at: Literal["confirm", "export"] = "confirm"
+    """When a piece counts as a touch: when its batch is confirmed mailed (``campaignd mail
+    confirm``), or as soon as the batch is exported."""
+    without_address: Literal["skip", "email"] = "skip"
+    """A lead without a complete postal address skips the step (with the reason recorded),
+    or gets the step by email instead (``<template>.subject.j2``/``.html.j2``/``.txt.j2``
+    beside the print template)."""
+    return_address: tuple[str, ...] = ()
+    """The sender's address on every piece, one line each; ``sender.postal_address`` when unset."""
+    workers: int = Field(default=0, ge=0, le=64)
+    """Processes that lay out a batch (0: one per CPU, at most 8)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_paper(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        paper = data.get("paper")
+        if isinstance(paper, str):
+            key = paper.strip().lower().replace("-", " ").replace("_", " ")
+            data["paper"] = {"a4": "A4", "letter": "letter", "us letter": "letter"}.get(key, paper)
+        elif paper is None:
+            country = data.get("country", "US")
+            code = country.strip().upper() if isinstance(country, str) else ""
+            data["paper"] = "letter" if code in _LETTER_PAPER_COUNTRIES else "A4"
+        return data
+
+    @field_validator("country")
+    @classmethod
+    def _country(cls, value: str) -> str:
+        from campaignd.addresses import rules_for
+        from campaignd.countries import country_code
+
+        code = country_code(value)
+        if not code or rules_for(code) is None:
+            raise ValueError(
+                f"{value!r} is not a country campaignd can post from; use its code, such as US or DE"
+            )
+        return code
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if not value:
+            return value
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            trigger = CronTrigger(**DigestSettings.cron_fields(value), timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a valid schedule: {exc}") from None
+        if trigger.get_next_fire_time(None, datetime(2000, 1, 1, tzinfo=ZoneInfo("UTC"))) is None:
+            raise ValueError(f"{value!r} never happens (check the day and month)")
+        return value
+
+    @field_validator("return_address", mode="before")
+    @classmethod
+    def _lines(cls, value: object) -> object:
+        # One string (from the environment, or one line in the file): a line per newline.
+        if isinstance(value, str):
+            return [line for line in (part.strip() for part in value.splitlines()) if line]
+        return value
+
+    @field_validator("return_address")
+    @classmethod
+    def _clean_lines(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(c in line for line in value for c in "\0\r\n"):
+            raise ValueError("a line of the return address contains a control character")
+        return tuple(" ".join(line.split()) for line in value if line.strip())
 
 
 class Dispatch(_Strict):
@@ -526,10 +618,11 @@ class DigestSettings(_Strict):
     recipients, no scheduled digest."""
     send_empty: bool = False
     """Send a digest even when no lead was flagged since the last one."""
-    email_leads: int = Field(default=25, ge=1, le=500)
+    email_leads: int = Field(default=20, ge=1, le=500)
     """The email lists at most this many leads, newest flag first, and says how many more
-    there are; the attached CSV always holds every one. This keeps the email small enough
-    for mail clients to show it whole (Gmail cuts messages over about 100 kB)."""
+    there are; the attached CSV always holds every one. Fewer are listed when long touch
+    histories would make the email too big for mail clients to show whole (Gmail cuts
+    messages over about 100 kB)."""
 
     @field_validator("schedule")
     @classmethod
@@ -702,12 +795,38 @@ class Settings(_Strict):
         return data
 
 
+def _url_password(url: str) -> bool:
+    """Whether a database URL carries a password, in its address or its query."""
+    parts = urlsplit(url)
+    return bool(parts.password) or any(
+        key.lower() == "password" for key, _ in parse_qsl(parts.query, keep_blank_values=True)
+    )
+
+
 def _redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    if parts.query:
+        query = [
+            (key, "***" if key.lower() == "password" else value)
+            for key, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urlencode(query, safe="*"))
+    return parts.geturl()
+
+
+def _drop(data: dict[str, Any], dotted: str) -> dict[str, Any]:
+    """A copy of ``data`` without the key at ``dotted``."""
+    head, _, rest = dotted.partition(".")
+    if head not in data:
+        return data
+    out = dict(data)
+    if rest and isinstance(out[head], dict):
+        out[head] = _drop(out[head], rest)
+    else:
+        del out[head]
+    return out
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -747,6 +866,12 @@ def load_settings(
                 data = tomllib.load(fh)
         except FileNotFoundError:
             raise ConfigError([Problem(source, "", "file not found")]) from None
+        except IsADirectoryError:
+            raise ConfigError([Problem(source, "", "is a directory, not a file")]) from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                [Problem(source, "", f"not valid TOML: the file is not UTF-8 text (byte {exc.start})")]
+            ) from None
         except PermissionError:
             raise ConfigError([Problem(source, "", "permission denied")]) from None
         except tomllib.TOMLDecodeError as exc:
@@ -763,7 +888,7 @@ def load_settings(
         if _dig(data, dotted)
     ]
     db_url = _dig(data, "database.url")
-    if isinstance(db_url, str) and urlsplit(db_url).password:
+    if isinstance(db_url, str) and _url_password(db_url):
         problems.append(
             Problem(
                 source,
@@ -772,6 +897,10 @@ def load_settings(
                 f"secret; set {env_name('database.url')} in the environment instead",
             )
         )
+    # The secrets are reported; the rest of the file is still checked so that every
+    # problem shows at once.
+    for problem in problems:
+        data = _drop(data, problem.where)
 
     dotenv_env: dict[str, str] = {}
     if dotenv is not None and dotenv.is_file():
@@ -782,16 +911,16 @@ def load_settings(
 
     base = path.parent if path else Path.cwd()
     data = _resolve_paths(data, base, merged_env)
-    if problems:
-        raise ConfigError(problems)
     data = _deep_merge(data, _env_overrides(merged_env, env_keys))
     if overrides:
         data = _deep_merge(data, overrides)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_problem(err, source, env_keys) for err in exc.errors()]) from None
-    problems = _cross_checks(settings, source)
+        from_dotenv = {k: str(dotenv) for k in env_keys if k not in env}
+        problems += [_problem(err, source, env_keys, from_dotenv) for err in exc.errors()]
+        raise ConfigError(problems) from None
+    problems += _cross_checks(settings, source)
     if problems:
         raise ConfigError(problems)
     return settings.model_copy(update={"config_path": path})
@@ -879,7 +1008,7 @@ def _resolve_paths(data: dict[str, Any], base: Path, env: dict[str, str]) -> dic
     return data
 
 
-def _problem(err: Any, source: str, env_keys: set[str]) -> Problem:
+def _problem(err: Any, source: str, env_keys: set[str], from_dotenv: dict[str, str]) -> Problem:
     loc = [str(p) for p in err["loc"]]
     dotted = _format_loc(tuple(p for p in err["loc"] if p != "[key]"))
     reason = str(err["msg"]).removeprefix("Value error, ")
@@ -892,6 +1021,8 @@ def _problem(err: Any, source: str, env_keys: set[str]) -> Problem:
     # Name the environment variable when the value came from there.
     for n in range(len(loc), 0, -1):
         candidate = ENV_PREFIX + "__".join(loc[:n]).upper()
+        if candidate in from_dotenv:
+            return Problem(f"{from_dotenv[candidate]}: {candidate}", dotted, reason)
         if candidate in env_keys:
             return Problem(f"environment {candidate}", dotted, reason)
     return Problem(source, dotted, reason)

@@ -17,6 +17,16 @@ from campaignd.store import Store
 PG_URL = os.environ.get("CAMPAIGND_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long variants of the proofs (marked ``slow``) run only when asked for with ``-m slow``."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a long variant: run it with -m slow")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """A developer's own CAMPAIGND_* settings must never leak into a test."""

@@ -20,25 +20,34 @@ steps = [
 [sequences.warm]
 steps = [
   { template = "warm/01-sales-letter", delay = "1d" },
-  { template = "warm/02-seminar", delay = "1d" },
+  { template = "warm/02-seminar", delay = "1d", event = "winter-seminar" },
   { template = "warm/03-last-call", delay = "1d" },
 ]
 """
 
 CAMPAIGN = """
+[campaign]
+tagline = "Heating, insulation and repairs for local businesses"
+
 [campaign.offer]
 headline = "a free home energy check"
 pitch = "cut their heating bills"
+details = "One of our engineers walks your building with a thermal camera."
 expires = "31 January"
 url = "https://harborhome.example/offer"
 
-[campaign.seminar]
+[campaign.contact]
+name = "Dana Whitfield"
+title = "Owner, Harbor Home Services"
+phone = "+1 217 555 0142"
+
+[events.winter-seminar]
 title = "Winter-proof your building"
-date = "Thursday 14 January"
-time = "18:30-20:00"
-venue = "Springfield Public Library"
-summary = "insulation and heating"
-booking_url = "https://harborhome.example/seminar"
+start = 2027-01-14T18:30:00
+duration = "90m"
+location = "Springfield Public Library, 301 Main Street, Springfield, IL 62701"
+url = "https://harborhome.example/seminar"
+description = "Insulation, heating and the grants available this year."
 """
 
 

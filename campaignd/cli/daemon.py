@@ -181,15 +181,19 @@ def _print_status(data: dict[str, Any], settings: Settings) -> None:
     out(f"suppressed:       {data['suppressed']}")
     digest = data["last_digest"]
     if digest is not None:
-        out(f"last digest:      {digest['what']}: {digest['status']}, {digest['leads']} leads")
+        leads = f"{digest['leads']} lead" + ("" if digest["leads"] == 1 else "s")
+        out(f"last digest:      {digest['what']}: {digest['status']}, {leads}")
     elif settings.digest.recipients:
         out("last digest:      none yet")
     flagged = data["flagged_last_24h"]
     if flagged:
         out(f"\nflagged for sales follow-up (24h): {len(flagged)}")
-        for lead in flagged[:20]:
+        shown = flagged[:20]
+        email_width = max(len(lead["email"]) for lead in shown)
+        name_width = max(len(lead["name"]) for lead in shown)
+        for lead in shown:
             out(
-                f"  {lead['email']:<36} {lead['name']:<24} {lead['touches']} touches  "
+                f"  {lead['email']:<{email_width}}  {lead['name']:<{name_width}}  {lead['touches']} touches  "
                 f"{fmt_time(lead['flagged_at'], settings.timezone)}"
             )
     for title, rows in (

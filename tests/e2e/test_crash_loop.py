@@ -154,4 +154,4 @@ def test_killing_the_daemon_while_it_sends_never_sends_a_step_twice(tmp_path: Pa
 
 @pytest.mark.slow
 def test_killing_the_daemon_many_times_never_sends_a_step_twice(tmp_path: Path) -> None:
-    run_crash_loop(tmp_path, leads=600, kills=40, seed=2)
+    run_crash_loop(tmp_path, leads=1500, kills=40, seed=2)

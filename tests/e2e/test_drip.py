@@ -31,7 +31,7 @@ steps = [
 [sequences.warm]
 steps = [
   { template = "warm/01-sales-letter", delay = "2s" },
-  { template = "warm/02-seminar", delay = "2s" },
+  { template = "warm/02-seminar", delay = "2s", event = "winter-seminar" },
   { template = "warm/03-last-call", delay = "2s" },
 ]
 """

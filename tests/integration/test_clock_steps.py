@@ -28,7 +28,7 @@ steps = [
 [sequences.warm]
 steps = [
   { template = "warm/01-sales-letter", delay = "1d" },
-  { template = "warm/02-seminar", delay = "1d" },
+  { template = "warm/02-seminar", delay = "1d", event = "winter-seminar" },
 ]
 """
 ORDER = ["cold/01-intro", "cold/03-reminder", "warm/01-sales-letter", "warm/02-seminar"]

@@ -391,3 +391,66 @@ async def test_a_message_in_flight_elsewhere_holds_the_lead_then_becomes_unknown
     assert email.outbox == [] and mail.outbox == []
     touch = store.get_touch(claim.touch_id)
     assert touch is not None and touch.status == TouchStatus.UNKNOWN
+
+
+async def test_a_letter_to_a_lead_without_an_address_goes_by_email_where_configured(
+    tmp_path: Path, store: Store
+) -> None:
+    from campaignd.directmail import DirectMailChannel
+
+    sequences = '[sequences.cold]\nsteps = [{ template = "cold/02-postcard", channel = "mail" }]\n'
+    settings = make_settings(tmp_path, sequences=sequences, extra='[print]\nwithout_address = "email"\n')
+    renderer, signer = prepare(settings)
+    email = MemoryChannel()
+    dispatcher = Dispatcher(
+        store=store,
+        settings=settings,
+        renderer=renderer,
+        signer=signer,
+        channels={"email": email, "mail": DirectMailChannel(settings=settings.print)},
+        worker="test:1",
+        clock=Clock(T0),
+    )
+    add_leads(store, "postal@example.com")  # a complete US address
+    store.upsert_leads([LeadInput(email="nowhere@example.com", first_name="Nora")], tier="cold", now=T0)
+    report = await dispatcher.run_pass(T0)
+    assert report.for_print == 1 and report.sent == 1
+    [message] = email.outbox
+    assert message.recipient == "nowhere@example.com"
+    assert parsed(message)["X-Campaignd-Step"] == "cold/02-postcard"
+    [touch] = store.touches_for(store.get_lead("nowhere@example.com").id)
+    assert (touch.status, touch.channel) == (TouchStatus.SENT, "email")
+    assert store.get_lead("nowhere@example.com").touch_count == 1
+    [letter] = store.touches_for(store.get_lead("postal@example.com").id)
+    assert (letter.status, letter.channel) == (TouchStatus.PENDING, "mail")
+
+
+async def test_a_step_cancelled_by_a_pause_is_sent_exactly_once_after_resume(
+    tmp_path: Path, store: Store
+) -> None:
+    clock = Clock(T0)
+    answers = iter([Outcome.TEMPORARY, Outcome.SENT])
+    channel = MemoryChannel(answer=lambda _m: next(answers))
+    dispatcher, email, _ = make_dispatcher(tmp_path, store, clock, email=channel)
+    add_leads(store, "ann@example.com")
+    lead_id = store.get_lead("ann@example.com").id
+
+    await dispatcher.run_pass(T0)
+    [touch] = store.touches_for(lead_id)
+    assert touch.status == TouchStatus.RETRY and touch.attempts == 1
+
+    # Paused while its first step waits for a retry: the step is cancelled, nothing leaves.
+    store.set_status("ann@example.com", LeadStatus.PAUSED, now=T0 + timedelta(seconds=30))
+    assert store.touches_for(lead_id)[0].status == TouchStatus.CANCELLED
+    clock.now = T0 + timedelta(hours=2)
+    await dispatcher.run_pass(clock.now)
+    assert email.outbox == []
+
+    # Resumed: the same step is planned again, sent once, and the drip goes on from there.
+    store.set_status("ann@example.com", LeadStatus.ACTIVE, now=clock.now)
+    await dispatcher.run_pass(clock.now)
+    await dispatcher.run_pass(clock.now + timedelta(seconds=1))
+    assert [parsed(m)["X-Campaignd-Step"] for m in email.outbox] == ["cold/01-intro"]
+    [touch] = store.touches_for(lead_id)
+    assert touch.status == TouchStatus.SENT and touch.attempts == 1
+    assert store.get_lead("ann@example.com").touch_count == 1
