@@ -903,7 +903,7 @@ def load_settings(
         data = _drop(data, problem.where)
 
     dotenv_env: dict[str, str] = {}
-    if dotenv is not None and dotenv.is_file():
+    if dotenv is not None and _readable_file(dotenv):
         dotenv_env = {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
     merged_env = {**dotenv_env, **env}
     env_keys = {k for k in merged_env if k.startswith(ENV_PREFIX)}
@@ -924,6 +924,15 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return settings.model_copy(update={"config_path": path})
+
+
+def _readable_file(path: Path) -> bool:
+    """Whether ``path`` is a file; False also when the directory cannot be looked into
+    (a command run from a directory its user may not read)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _cross_checks(settings: Settings, source: str) -> list[Problem]:

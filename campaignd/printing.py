@@ -260,6 +260,21 @@ class Laid:
     error: str = ""
 
 
+def require_weasyprint() -> None:
+    """Load WeasyPrint, or say which system libraries it misses.
+
+    :raises PrintError: Pango (or a library it needs) is not installed.
+    """
+    try:
+        import weasyprint  # type: ignore[import-untyped]  # noqa: F401
+    except OSError as exc:
+        raise PrintError(
+            f"direct mail needs WeasyPrint's system libraries, and they could not be loaded ({exc}); "
+            "on Debian or Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz-subset0 "
+            "(docs/direct-mail.md lists them for other systems)"
+        ) from None
+
+
 def _fetcher(root: str) -> Any:
     """A WeasyPrint URL fetcher that reads only ``data:`` URLs and files under ``root``."""
     from urllib.parse import unquote, urlsplit
@@ -305,7 +320,8 @@ def _shared_style(html: str) -> tuple[str, str | None]:
 
 def _layout(htmls: Sequence[str], root: str) -> tuple[list[Any], list[Laid]]:
     """Lay out each piece; a piece WeasyPrint cannot lay out is reported, not fatal."""
-    from weasyprint import CSS, HTML  # type: ignore[import-untyped]
+    require_weasyprint()
+    from weasyprint import CSS, HTML
     from weasyprint.text.fonts import FontConfiguration  # type: ignore[import-untyped]
 
     fonts = FontConfiguration()

@@ -59,6 +59,8 @@ def demo(
     database.upgrade(engine)
     store = Store(engine=engine)
     report = import_leads(store, leads, default_tier=Tier.COLD.value, now=utcnow())
+    for line, reason in report.rejected:
+        out(f"{leads}: line {line}: rejected: {reason}")
     out(report.summary())
     _print_sequences(settings)
     out(f"\nrunning the daemon for {for_} (Ctrl-C stops it early)...\n")
@@ -197,8 +199,15 @@ def _print_status(data: dict[str, Any], settings: Settings) -> None:
                 f"{fmt_time(lead['flagged_at'], settings.timezone)}"
             )
     for title, rows in (
-        ("UNKNOWN outcome (check, then 'campaignd touches retry ID')", data["unknown"]),
-        ("FAILED (check, then 'campaignd touches retry ID')", data["failed"]),
+        (
+            "UNKNOWN outcome (check the relay's log, then 'campaignd touches settle ID --as sent' "
+            "or 'touches retry ID')",
+            data["unknown"],
+        ),
+        (
+            "FAILED (check, then 'campaignd touches retry ID' or 'touches settle ID --as skipped')",
+            data["failed"],
+        ),
     ):
         if rows:
             out(f"\n{title}: {len(rows)}")

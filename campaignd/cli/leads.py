@@ -254,8 +254,14 @@ def leads_pause(email: str) -> None:
 
 @leads_app.command("resume")
 def leads_resume(email: str) -> None:
-    """Resume a paused lead's sequence."""
-    lead = _change(email, LeadStatus.ACTIVE, expect=[LeadStatus.PAUSED])
+    """Resume a paused lead's sequence where it stopped.
+
+    An unsubscribed or bounced lead can be resumed too, once its address is off the
+    suppression list ('campaignd suppression remove', which asks why).
+    """
+    lead = _change(
+        email, LeadStatus.ACTIVE, expect=[LeadStatus.PAUSED, LeadStatus.UNSUBSCRIBED, LeadStatus.BOUNCED]
+    )
     out(f"{lead.email} resumed")
 
 
@@ -335,6 +341,45 @@ def touches_retry(
         )
 
 
+class SettleAs(StrEnum):
+    sent = "sent"
+    skipped = "skipped"
+
+
+@touches_app.command("settle")
+def touches_settle(
+    ids: Annotated[list[int], typer.Argument(help="Touch ids from 'campaignd status'.")],
+    as_: Annotated[
+        SettleAs,
+        typer.Option(
+            "--as",
+            help="sent: it did arrive (it counts as a touch); skipped: it did not, and is not to be sent.",
+        ),
+    ],
+    note: Annotated[str, typer.Option(help="What you found (kept with the touch).")] = "",
+) -> None:
+    """Settle touches that are unknown or failed without sending them again.
+
+    After checking the relay's log: --as sent when the message did arrive, --as skipped
+    when it did not and should not be sent. The lead's sequence then goes on.
+    """
+    settings = STATE.settings()
+    done = STATE.store().settle_touches(
+        ids, outcome=as_.value, note=note, policy=Policy.from_settings(settings), now=utcnow()
+    )
+    for r in done:
+        out(f"touch {r.touch_id} ({r.tier}/{r.step} to {r.email}) settled as {r.status}")
+        if r.promoted:
+            out(f"{r.email} promoted from cold to warm")
+        if r.flagged:
+            out(f"{r.email} flagged for sales follow-up")
+    missing = sorted(set(ids) - {r.touch_id for r in done})
+    if missing:
+        raise CampaigndError(
+            f"not settled (no such touch, or it is not unknown/failed): {', '.join(map(str, missing))}"
+        )
+
+
 # -- suppression -----------------------------------------------------------------------------------
 
 
@@ -381,3 +426,6 @@ def suppression_remove(
         raise CampaigndError(f"{email} is not suppressed")
     logger.warning("suppression of %s (%s) removed: %s", removed.email, removed.reason, reason)
     out(f"{removed.email} removed from the suppression list")
+    lead = STATE.store().find_lead_by_email(removed.email)
+    if lead is not None and lead.status in (LeadStatus.UNSUBSCRIBED, LeadStatus.BOUNCED):
+        out(f"the lead stays {lead.status}; 'campaignd leads resume {removed.email}' restarts its sequence")

@@ -52,7 +52,10 @@ def mail_batches(
         return
     since = f" (since {fmt_time(status.waiting_since, zone)})" if status.waiting_since else ""
     out(f"waiting for a batch:        {status.waiting}{since}")
-    out(f"exported, not yet mailed:   {status.exported_pieces} in {status.exported_batches} batches")
+    out(
+        f"exported, not yet mailed:   {_n(status.exported_pieces, 'piece')} "
+        f"in {_n(status.exported_batches, 'batch', 'batches')}"
+    )
     out(f"skipped (no postal address): {status.skipped_for_address}")
     if not batches:
         out("\nno print batches yet ('campaignd mail export' makes one now)")
@@ -125,8 +128,12 @@ def mail_show(
     if record.cancelled_at:
         out(f"  cancelled {fmt_time(record.cancelled_at, zone)}")
     if record.status == "exported":
-        out(f"\nonce it is handed to the post: campaignd mail confirm {record.id}")
-        out(f"if it will not be mailed:      campaignd mail cancel {record.id}")
+        if any(p.status == "queued" for p in pieces):
+            out(f"\nonce it is handed to the post: campaignd mail confirm {record.id}")
+            out(f"if it will not be mailed:      campaignd mail cancel {record.id}")
+        else:
+            out("\nits pieces were counted as touches when it was exported")
+            out(f"once it is handed to the post: campaignd mail confirm {record.id} (records the date)")
     by_touch = {row["touch_id"]: row for row in manifest}
     if pieces:
         # In the PDF's order, as the print shop sees them.
@@ -143,6 +150,10 @@ def mail_show(
         out(f"\nits {len(manifest)} pieces went back to the queue; the manifest listed:")
         for row in manifest:
             out(f"{row['sequence']:>5} {row['email']} {row['tier']}/{row['step']}")
+
+
+def _n(count: int, one: str, many: str | None = None) -> str:
+    return f"{count} {one if count == 1 else (many or one + 's')}"
 
 
 def _manifest(path: str, batch: int) -> list[dict[str, str]]:
@@ -192,7 +203,10 @@ def mail_confirm(batch: Annotated[int, typer.Argument(help="The batch number.")]
         return
     promoted = sum(r.promoted for r in done.counted)
     flagged = sum(r.flagged for r in done.counted)
-    out(f"print batch {batch} confirmed mailed: {len(done.counted)} pieces counted as touches")
+    if done.counted:
+        out(f"print batch {batch} confirmed mailed: {_n(len(done.counted), 'piece')} counted as touches")
+    else:
+        out(f"print batch {batch} confirmed mailed (its pieces were counted as touches at export)")
     if promoted:
         out(f"  {promoted} leads promoted from cold to warm")
     if flagged:
@@ -207,6 +221,6 @@ def mail_cancel(batch: Annotated[int, typer.Argument(help="The batch number.")])
     store = STATE.store()
     record, again, stopped = store.cancel_batch(batch, now=utcnow())
     mark_cancelled(record, at=fmt_time(record.cancelled_at, _zone()))
-    out(f"print batch {batch} cancelled: {again} pieces are due again and go into a later batch")
+    out(f"print batch {batch} cancelled: {_n(again, 'piece')} due again, for a later batch")
     if stopped:
         out(f"  {stopped} pieces were dropped: their leads have stopped (unsubscribed, paused or flagged)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -42,17 +41,20 @@ def config_show(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     _print_toml(data)
 
 
-def _print_toml(data: dict[str, Any], prefix: str = "") -> None:
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
-    if prefix and scalars:
-        out(f"[{prefix}]")
-    for k, v in scalars.items():
-        out(f"{k} = {json.dumps(v, ensure_ascii=False)}")
-    if scalars:
-        out()
-    for k, v in tables.items():
-        _print_toml(v, f"{prefix}.{k}" if prefix else k)
+def _print_toml(data: dict[str, Any]) -> None:
+    """``data`` as a TOML file that ``--config`` would read back; unset keys (TOML has no
+    null) are left out."""
+    import tomli_w
+
+    typer.echo(tomli_w.dumps(_without_none(data)), nl=False)
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value if v is not None]
+    return value
 
 
 @db_app.command("upgrade")

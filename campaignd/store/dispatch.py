@@ -597,6 +597,45 @@ class DispatchQueries(StoreBase):
                 )
         return rows
 
+    def settle_touches(
+        self, touch_ids: Sequence[int], *, outcome: str, note: str, policy: core.Policy, now: datetime
+    ) -> list[Recorded]:
+        """Settle ``unknown`` or ``failed`` touches by hand, after the operator has checked them.
+
+        ``sent``: the message did arrive (the relay's log says so); it counts as a touch,
+        with promotion and flagging as usual. ``skipped``: it did not, and is not to be
+        sent again; the lead's sequence goes on with the next step. Either way the lead's
+        drip, held by the touch, resumes.
+        """
+        if outcome not in ("sent", "skipped"):
+            raise ValueError(f"a touch is settled by hand as sent or skipped, not {outcome}")
+        with self.engine.begin() as conn:
+            ids = [
+                row.id
+                for row in conn.execute(
+                    sa.update(touches_t)
+                    .where(
+                        touches_t.c.id.in_(touch_ids),
+                        touches_t.c.status.in_([TouchStatus.UNKNOWN.value, TouchStatus.FAILED.value]),
+                        touches_t.c.step.is_not(None),
+                    )
+                    .values(status=TouchStatus.SENDING.value)
+                    .returning(touches_t.c.id)
+                )
+            ]
+            detail = f"settled by hand as {outcome}" + (f": {note}" if note else "")
+            if ids:
+                conn.execute(sa.update(touches_t).where(touches_t.c.id.in_(ids)).values(note=detail))
+            return self._record(
+                conn,
+                [Result(i, outcome, detail=detail) for i in ids],
+                policy=policy,
+                now=now,
+                max_attempts=1,
+                backoff=timedelta(0),
+                backoff_max=timedelta(0),
+            )
+
     def get_touch(self, touch_id: int) -> TouchRecord | None:
         with self.reader.connect() as conn:
             row = conn.execute(sa.select(touches_t).where(touches_t.c.id == touch_id)).first()

@@ -304,7 +304,7 @@ def test_cancelling_from_the_command_line_marks_the_folder_and_requeues(tmp_path
     ok(campaignd(config, "run", "--once"))
     ok(campaignd(config, "mail", "export"))
     out = ok(campaignd(config, "mail", "cancel", "1"))
-    assert "print batch 1 cancelled: 3 pieces are due again" in out
+    assert "print batch 1 cancelled: 3 pieces due again" in out
     note = tmp_path / "state" / "print" / "batch-000001" / "CANCELLED.txt"
     assert "do not print or mail it" in note.read_text()
     shown = ok(campaignd(config, "mail", "show", "1"))

@@ -149,6 +149,14 @@ def test_lead_commands(config: Path) -> None:
     listed = campaignd("suppression", "list", config=config).stdout
     assert email in listed and "unsubscribed" in listed
 
+    # Back only by two deliberate acts: off the suppression list (with a reason), then resumed.
+    refused = campaignd("leads", "resume", email, config=config)
+    assert refused.returncode == 1 and "on the suppression list" in refused.stderr
+    removed = campaignd("suppression", "remove", email, "--reason", "asked to hear from us", config=config)
+    assert removed.returncode == 0 and f"leads resume {email}" in removed.stdout
+    assert campaignd("leads", "resume", email, config=config).returncode == 0
+    assert json.loads(campaignd("leads", "show", email, "--json", config=config).stdout)["status"] == "active"
+
     missing = campaignd("leads", "show", "nobody@example.com", config=config)
     assert missing.returncode == 1 and "no lead with the address" in missing.stderr
 

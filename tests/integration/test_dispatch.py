@@ -454,3 +454,44 @@ async def test_a_step_cancelled_by_a_pause_is_sent_exactly_once_after_resume(
     [touch] = store.touches_for(lead_id)
     assert touch.status == TouchStatus.SENT and touch.attempts == 1
     assert store.get_lead("ann@example.com").touch_count == 1
+
+
+async def test_held_touches_settled_by_hand_release_the_drip_without_a_resend(
+    tmp_path: Path, store: Store
+) -> None:
+    clock = Clock(T0)
+    dispatcher, email, mail = make_dispatcher(tmp_path, store, clock, threshold=2)
+    add_leads(store, "ann@example.com", "bob@example.com")
+    claimed = store.claim(policy=dispatcher.policy, now=T0, limit=10, worker="dead:1")
+    ids = [c.touch_id for c in claimed.claims]
+    assert store.mark_sending(ids, worker="dead:1", now=T0, lease=timedelta(minutes=5))
+    store.recover_in_flight(now=T0, exclusive=True)  # both intros became unknown
+    ann, bob = (store.get_lead(e) for e in ("ann@example.com", "bob@example.com"))
+    [ann_touch] = store.touches_for(ann.id)
+    [bob_touch] = store.touches_for(bob.id)
+
+    # Ann's relay log shows her intro arrived; Bob's shows it did not, and it is not resent.
+    later = T0 + timedelta(minutes=10)
+    [sent] = store.settle_touches(
+        [ann_touch.id], outcome="sent", note="relay log: 250 ok", policy=dispatcher.policy, now=later
+    )
+    [skipped] = store.settle_touches(
+        [bob_touch.id], outcome="skipped", note="", policy=dispatcher.policy, now=later
+    )
+    assert (sent.status, sent.touch_count, skipped.status) == ("sent", 1, "skipped")
+    assert (
+        store.settle_touches([ann_touch.id], outcome="sent", note="", policy=dispatcher.policy, now=later)
+        == []
+    )
+    assert store.get_lead("ann@example.com").touch_count == 1
+    assert store.get_lead("bob@example.com").touch_count == 0
+    assert store.get_touch(ann_touch.id).note == "settled by hand as sent: relay log: 250 ok"  # type: ignore[union-attr]
+
+    # Both drips go on with the postcard; neither intro is sent again.
+    clock.now = later + timedelta(hours=1)
+    await dispatcher.run_pass(clock.now)
+    assert email.outbox == []
+    assert sorted(m.recipient for m in mail.outbox) == ["ann@example.com", "bob@example.com"]
+    # Ann's second touch reaches the threshold of 2: the settled intro counted.
+    assert store.get_lead("ann@example.com").status == LeadStatus.FLAGGED
+    assert store.get_lead("bob@example.com").status == LeadStatus.ACTIVE
