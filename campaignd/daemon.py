@@ -29,9 +29,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from campaignd import database
 from campaignd.channels import Channel
+from campaignd.clock import utcnow
 from campaignd.config import Channel as ChannelKind
 from campaignd.config import Settings
-from campaignd.engine import Dispatcher, PassReport, describe_error, utcnow
+from campaignd.engine import Dispatcher, PassReport, describe_error
 from campaignd.exceptions import CampaigndError
 from campaignd.render import LetterCheck, Renderer
 from campaignd.sequences import Policy

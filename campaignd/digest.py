@@ -32,13 +32,8 @@ from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
-import css_inline
-import jinja2
-from jinja2.sandbox import SandboxedEnvironment
-
 from campaignd.config import Sender, parse_duration
 from campaignd.exceptions import Problem, TemplateError
-from campaignd.message import safe_header_text
 
 BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 """Where the first scheduled digest's period starts: it lists every lead still flagged."""
@@ -519,6 +514,10 @@ class DigestTemplates:
     """
 
     def __init__(self, *, root: Path) -> None:
+        import css_inline
+        import jinja2
+        from jinja2.sandbox import SandboxedEnvironment
+
         self.root = root
         self.env = SandboxedEnvironment(
             loader=jinja2.FileSystemLoader(str(root)),
@@ -557,6 +556,8 @@ class DigestTemplates:
             shown = max(1, min(shown - 1, shown * HTML_BUDGET // size))
 
     def _render(self, name: str, ctx: dict[str, Any]) -> str:
+        import jinja2
+
         try:
             return self.env.get_template(name).render(ctx)
         except jinja2.TemplateNotFound as exc:
@@ -645,6 +646,8 @@ def _lead_context(lead: DigestLead, zone: str, sender: Sender) -> dict[str, Any]
 
 def _runtime_problem(path: Path, exc: Exception) -> Problem:
     """Locate a render-time error in the template line that raised it."""
+    import jinja2
+
     source, line = str(path), 0
     tb = exc.__traceback__
     while tb is not None:
@@ -682,6 +685,8 @@ def build_message(
     It is internal mail to the sales team, not marketing, so it carries no unsubscribe
     link; ``Auto-Submitted`` keeps vacation responders from answering it (RFC 3834).
     """
+    from campaignd.message import safe_header_text
+
     msg = EmailMessage(policy=SMTP)
     local, _, domain = sender.from_address.rpartition("@")
     msg["From"] = Address(

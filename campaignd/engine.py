@@ -19,10 +19,11 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 from campaignd.channels import FALLBACK, Channel, Delivery, Outcome, Outgoing
+from campaignd.clock import utcnow
 from campaignd.config import Channel as ChannelKind
 from campaignd.config import Settings
 from campaignd.message import build_email, message_id
@@ -35,11 +36,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def utcnow() -> datetime:
-    """The one wall clock of campaignd. Only the shell calls it, once per decision."""
-    return datetime.now(UTC)
 
 
 class GroupCommit(Generic[T, R]):

@@ -13,8 +13,8 @@ import typer
 
 from campaignd import database
 from campaignd.cli.app import STATE, app, emit_json, fmt_time, out, parse_duration_option
+from campaignd.clock import utcnow
 from campaignd.config import Settings, Tier, find_config, format_duration
-from campaignd.engine import utcnow
 from campaignd.exceptions import CampaigndError, ConfigError
 from campaignd.models import LeadStatus
 from campaignd.planning import Plan, PlannedFor, summarise

@@ -13,6 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from campaignd.cli.app import STATE, app, emit_json, fmt_time, out
+from campaignd.clock import utcnow
 from campaignd.config import DigestSettings
 from campaignd.digest import (
     BEGINNING,
@@ -25,7 +26,6 @@ from campaignd.digest import (
     parse_since,
 )
 from campaignd.digest_job import LEASE, DigestSender, describe_run, zone_of
-from campaignd.engine import utcnow
 from campaignd.exceptions import CampaigndError
 from campaignd.store.digest import Delivery, DigestRunRecord, RunKind, RunStatus
 

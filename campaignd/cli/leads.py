@@ -11,8 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from campaignd.cli.app import STATE, app, emit_json, fmt_time, logger, out
+from campaignd.clock import utcnow
 from campaignd.config import Tier
-from campaignd.engine import utcnow
 from campaignd.exceptions import CampaigndError
 from campaignd.models import LeadStatus, SuppressionReason
 from campaignd.sequences import Policy

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from campaignd.cli.app import STATE, app, emit_json, fmt_time, out
-from campaignd.engine import utcnow
+from campaignd.clock import utcnow
 
 mail_app = typer.Typer(
     help="Print batches of direct mail: list, show, export, confirm mailed, cancel.", no_args_is_help=True

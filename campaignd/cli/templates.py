@@ -94,8 +94,8 @@ def templates_check(
 
 def _letter_checks(settings: Settings) -> list[LetterCheck]:
     """The print checks of direct-mail letters (page format, fonts, the address window)."""
+    from campaignd.clock import utcnow
     from campaignd.config import Channel
-    from campaignd.engine import utcnow
     from campaignd.printing import PrintCheck
 
     if not any(s.channel == Channel.MAIL for seq in settings.sequences.values() for s in seq.steps):
@@ -181,8 +181,8 @@ def templates_preview(
 ) -> None:
     """Show the exact message a step sends to a lead, byte for byte as the SMTP channel
     sends it (only the Date and the Message-ID are those of this moment)."""
+    from campaignd.clock import utcnow
     from campaignd.config import Channel
-    from campaignd.engine import utcnow
     from campaignd.message import build_email, message_id
 
     settings, found, lead_ctx, rendered, links = _make(tier, step, lead)
@@ -242,9 +242,9 @@ def send_test(
     links are a sample lead's, so clicking them in the test unsubscribes nobody.
     """
     from campaignd.channels import Outcome, Outgoing
+    from campaignd.clock import utcnow
     from campaignd.config import Channel
     from campaignd.daemon import build_channels
-    from campaignd.engine import utcnow
     from campaignd.message import addr_spec, build_email, one_off_message_id
 
     try:

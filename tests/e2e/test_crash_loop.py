@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from campaignd.clock import utcnow
 from campaignd.database import create_engine, upgrade
-from campaignd.engine import utcnow
 from campaignd.store import LeadInput, Store
 from tests.e2e.proc import Daemon
 from tests.factories import write_config

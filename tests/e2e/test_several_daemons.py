@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from campaignd.clock import utcnow
 from campaignd.database import create_engine, upgrade
-from campaignd.engine import utcnow
 from campaignd.store import LeadInput, Store
 from tests.conftest import drop_pg_schema, pg_schema_url
 from tests.e2e.proc import Daemon

@@ -20,7 +20,9 @@ def test_upgrade_from_an_empty_database_reaches_head(db_url: str) -> None:
     with pytest.raises(DatabaseNotAtHead, match="campaignd db upgrade"):
         database.require_head(engine)
     before, after = database.upgrade(engine)
-    assert before is None and after == database.head_revision()
+    # The revision every command checks for is the newest migration.
+    assert before is None and after == database.head_revision() == database.SCHEMA_REVISION
+    assert database.stamped_revision(engine) == database.current_revision(engine) == after
     database.require_head(engine)
     assert database.upgrade(engine) == (after, after)  # idempotent
     engine.dispose()
