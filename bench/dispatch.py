@@ -75,6 +75,12 @@ async def bare(port: int, messages: int, connections: int, body: bytes) -> dict[
 # -- campaignd end to end ------------------------------------------------------------------------
 
 
+def campaign_data() -> str:
+    """The example configuration's campaign data and events, which the templates use."""
+    text = (REPO / "config" / "campaignd.toml").read_text()
+    return text[text.index("\n[campaign]") : text.index("\n[sequences.")]
+
+
 def write_config(workdir: Path, port: int, connections: int) -> Path:
     config = workdir / "campaignd.toml"
     config.write_text(
@@ -103,11 +109,7 @@ tls = "none"
 connections = {connections}
 timeout = "30s"
 
-[campaign.offer]
-headline = "a free home energy check"
-pitch = "cut their heating bills with small, well-planned repairs"
-expires = "31 January"
-url = "https://harborhome.example/offer"
+{campaign_data()}
 
 {SEQUENCE}
 """

@@ -45,9 +45,15 @@ class GroupCommit(Generic[T, R]):
     by the next one. With N workers this costs about one commit per N messages while
     keeping each worker's item durable before it goes on.
 
+    Left to itself, a group of workers splits into halves that take turns (one half
+    commits while the other sends), so each commit carries half of them. So a commit
+    waits a moment (at most ``gather`` seconds) for the members that are still sending,
+    and carries them all: the cost of a commit is mostly its own, not its rows'.
+
     :param commit: runs in a thread with a list of items and returns one answer per item.
     :param retry_for: how long to keep retrying a failing commit of these items (the
         database may be restarting) before giving the error to the waiters.
+    :param gather: how long a commit waits for members still at work.
     """
 
     def __init__(
@@ -56,22 +62,49 @@ class GroupCommit(Generic[T, R]):
         *,
         name: str,
         retry_for: Callable[[list[T]], float],
+        gather: float = 0.002,
     ) -> None:
         self._commit = commit
         self._name = name
         self._retry_for = retry_for
+        self._gather = gather
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Event()
+        self.members = 0
+        """Workers that submit to this group now; a commit waits for at most this many."""
+
+    def leave(self) -> None:
+        """A member is done: commits no longer wait for it."""
+        self.members -= 1
+        self._arrived.set()
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        self._arrived.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
         return await future
 
+    async def _gathered(self) -> None:
+        """Wait until every member has submitted, or ``gather`` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._gather
+        while len(self._pending) < self.members:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                return
+
     async def _drain(self) -> None:
         while self._pending:
+            if self._gather > 0:
+                await self._gathered()
             batch, self._pending = self._pending, []
             items = [item for item, _ in batch]
             try:
@@ -320,6 +353,19 @@ class Dispatcher:
         message as leaving, in one transaction: a message leaves only once its mark is
         on disk, and the next one only once the answer before it is.
         """
+        advancer.members += 1
+        try:
+            await self._send_all(lane, advancer, report, halt)
+        finally:
+            advancer.leave()
+
+    async def _send_all(
+        self,
+        lane: _Lane,
+        advancer: GroupCommit[_Step, _Advanced],
+        report: PassReport,
+        halt: asyncio.Event,
+    ) -> None:
         answered: list[Result] = []
         while True:
             claim, outgoing = self._next(lane, halt, answered)

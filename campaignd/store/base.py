@@ -7,6 +7,7 @@ SQL or opens transactions.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -239,9 +240,12 @@ def executemany_update(conn: Connection, table: sa.Table, params: list[dict[str,
     for p in params:
         groups.setdefault(tuple(sorted(k for k in p if k != "b_id")), []).append(p)
     for keys, rows in groups.items():
-        conn.execute(
-            sa.update(table)
-            .where(table.c.id == sa.bindparam("b_id"))
-            .values({k: sa.bindparam(k) for k in keys}),
-            rows,
-        )
+        conn.execute(_update_by_id(table, keys), rows)
+
+
+@functools.cache
+def _update_by_id(table: sa.Table, keys: tuple[str, ...]) -> sa.Update:
+    """``UPDATE table SET key = :key, ... WHERE id = :b_id``, built once per set of keys."""
+    return (
+        sa.update(table).where(table.c.id == sa.bindparam("b_id")).values({k: sa.bindparam(k) for k in keys})
+    )

@@ -10,6 +10,7 @@ split by another writer.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -171,9 +172,10 @@ class DispatchQueries(StoreBase):
                     for lead, nt in wanted
                 ]
                 excluded = sa.table("excluded", sa.column("claimed_by"), sa.column("lease_until"))
+                # Executed with the rows as parameters (not compiled into one VALUES
+                # list per batch): the statement compiles once and stays cached.
                 stmt = (
                     self._insert(touches_t)
-                    .values(rows)
                     .on_conflict_do_update(
                         index_elements=["lead_id", "tier", "step"],
                         set_={
@@ -201,7 +203,7 @@ class DispatchQueries(StoreBase):
                     )
                     .returning(touches_t.c.id, touches_t.c.lead_id, touches_t.c.attempts)
                 )
-                got = {r.lead_id: r for r in conn.execute(stmt)}
+                got = {r.lead_id: r for r in conn.execute(stmt, rows)}
                 for lead, nt in wanted:
                     hit = got.get(lead.id)
                     if hit is None:
@@ -233,19 +235,8 @@ class DispatchQueries(StoreBase):
         self, conn: Connection, touch_ids: Sequence[int], *, worker: str, now: datetime, lease: timedelta
     ) -> set[int]:
         rows = conn.execute(
-            sa.update(touches_t)
-            .where(
-                touches_t.c.id.in_(touch_ids),
-                touches_t.c.status == TouchStatus.CLAIMED.value,
-                touches_t.c.claimed_by == worker,
-            )
-            .values(
-                status=TouchStatus.SENDING.value,
-                attempts=touches_t.c.attempts + 1,
-                lease_until=now + lease,
-                updated_at=now,
-            )
-            .returning(touches_t.c.id)
+            _MARK_SENDING,
+            {"ids": list(touch_ids), "worker": worker, "lease_until": now + lease, "now": now},
         )
         return set(rows.scalars())
 
@@ -509,46 +500,12 @@ class DispatchQueries(StoreBase):
         The leads are locked for the transaction on PostgreSQL, so a concurrent change by
         hand (an unsubscribe, a manual touch) is either seen here or waits for this.
         """
-        lead_ids = sa.select(touches_t.c.lead_id).where(touches_t.c.id.in_(touch_ids)).scalar_subquery()
-        leads_q = (
-            sa.select(
-                leads_t.c.id,
-                leads_t.c.email,
-                leads_t.c.tier,
-                leads_t.c.status,
-                leads_t.c.touch_count,
-                leads_t.c.tier_since,
-                leads_t.c.last_touch_at,
-                leads_t.c.timezone,
-                suppressions_t.c.email.label("suppressed"),
-            )
-            .select_from(leads_t.outerjoin(suppressions_t, suppressions_t.c.email == leads_t.c.email))
-            .where(leads_t.c.id.in_(lead_ids))
-            .order_by(leads_t.c.id)
-        )
-        if self.is_postgres:
-            leads_q = leads_q.with_for_update(of=leads_t)
-        leads = conn.execute(leads_q).all()
+        leads_q, touches_q = _settling_queries(self.is_postgres)
+        leads = conn.execute(leads_q, {"ids": touch_ids}).all()
         touches: dict[int, list[core.TouchView]] = {}
         rows: dict[int, Any] = {}
         wanted = set(touch_ids)
-        for t in conn.execute(
-            sa.select(
-                touches_t.c.id,
-                touches_t.c.lead_id,
-                touches_t.c.tier,
-                touches_t.c.step,
-                touches_t.c.status,
-                touches_t.c.attempts,
-                touches_t.c.message_id,
-                touches_t.c.created_at,
-                touches_t.c.sent_at,
-                touches_t.c.lease_until,
-                touches_t.c.next_attempt_at,
-            )
-            .where(touches_t.c.lead_id.in_(lead_ids), touches_t.c.step.is_not(None))
-            .order_by(touches_t.c.id)
-        ):
+        for t in conn.execute(touches_q, {"ids": touch_ids}):
             if t.id in wanted:
                 rows[t.id] = t
             touches.setdefault(t.lead_id, []).append(
@@ -640,3 +597,68 @@ class DispatchQueries(StoreBase):
         with self.reader.connect() as conn:
             row = conn.execute(sa.select(touches_t).where(touches_t.c.id == touch_id)).first()
         return None if row is None else touch_record(row)
+
+
+# Statements on the hot path are built once: building one costs more than running it.
+
+_MARK_SENDING = (
+    sa.update(touches_t)
+    .where(
+        touches_t.c.id.in_(sa.bindparam("ids", expanding=True)),
+        touches_t.c.status == TouchStatus.CLAIMED.value,
+        touches_t.c.claimed_by == sa.bindparam("worker"),
+    )
+    .values(
+        status=TouchStatus.SENDING.value,
+        attempts=touches_t.c.attempts + 1,
+        lease_until=sa.bindparam("lease_until"),
+        updated_at=sa.bindparam("now"),
+    )
+    .returning(touches_t.c.id)
+)
+
+
+@functools.cache
+def _settling_queries(for_update: bool) -> tuple[sa.Select[Any], sa.Select[Any]]:
+    """The leads of the touches ``ids`` (locked when ``for_update``), and all their touches."""
+    lead_ids = (
+        sa.select(touches_t.c.lead_id)
+        .where(touches_t.c.id.in_(sa.bindparam("ids", expanding=True)))
+        .scalar_subquery()
+    )
+    leads_q = (
+        sa.select(
+            leads_t.c.id,
+            leads_t.c.email,
+            leads_t.c.tier,
+            leads_t.c.status,
+            leads_t.c.touch_count,
+            leads_t.c.tier_since,
+            leads_t.c.last_touch_at,
+            leads_t.c.timezone,
+            suppressions_t.c.email.label("suppressed"),
+        )
+        .select_from(leads_t.outerjoin(suppressions_t, suppressions_t.c.email == leads_t.c.email))
+        .where(leads_t.c.id.in_(lead_ids))
+        .order_by(leads_t.c.id)
+    )
+    if for_update:
+        leads_q = leads_q.with_for_update(of=leads_t)
+    touches_q = (
+        sa.select(
+            touches_t.c.id,
+            touches_t.c.lead_id,
+            touches_t.c.tier,
+            touches_t.c.step,
+            touches_t.c.status,
+            touches_t.c.attempts,
+            touches_t.c.message_id,
+            touches_t.c.created_at,
+            touches_t.c.sent_at,
+            touches_t.c.lease_until,
+            touches_t.c.next_attempt_at,
+        )
+        .where(touches_t.c.lead_id.in_(lead_ids), touches_t.c.step.is_not(None))
+        .order_by(touches_t.c.id)
+    )
+    return leads_q, touches_q
