@@ -116,8 +116,9 @@ def _status(store: Store, settings: Settings) -> dict[str, Any]:
 
     now = utcnow()
     r = store.status_report(now=now)
-    runs = store.digest_runs(limit=1, kind="scheduled")
+    runs = store.digest_runs(limit=50, kind="scheduled")
     last_digest = runs[0] if runs else None
+    last_sent = next((run for run in runs if run.status == "sent"), None)
     mail = {status: n for (channel, status), n in r.touches_by_channel.items() if channel == "mail"}
     return {
         "at": now,
@@ -140,6 +141,9 @@ def _status(store: Store, settings: Settings) -> dict[str, Any]:
             "scheduled_for": last_digest.scheduled_for,
             "status": last_digest.status,
             "leads": last_digest.leads,
+            "last_sent": None
+            if last_sent is None or last_sent is last_digest
+            else {"what": describe_run(last_sent, zone_of(settings)), "leads": last_sent.leads},
         },
         "unknown": [
             {"touch": t.id, "lead": e, "tier": t.tier, "step": t.step, "error": t.error} for t, e in r.unknown
@@ -184,7 +188,9 @@ def _print_status(data: dict[str, Any], settings: Settings) -> None:
     digest = data["last_digest"]
     if digest is not None:
         leads = f"{digest['leads']} lead" + ("" if digest["leads"] == 1 else "s")
-        out(f"last digest:      {digest['what']}: {digest['status']}, {leads}")
+        sent = digest["last_sent"]
+        before = f" (the last one sent: {sent['what']}, {sent['leads']} leads)" if sent else ""
+        out(f"last digest:      {digest['what']}: {digest['status']}, {leads}{before}")
     elif settings.digest.recipients:
         out("last digest:      none yet")
     flagged = data["flagged_last_24h"]
