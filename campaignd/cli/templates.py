@@ -37,6 +37,7 @@ class Format(StrEnum):
     EML = "eml"
     HTML = "html"
     TEXT = "text"
+    PDF = "pdf"
 
 
 def _signer(settings: Settings) -> Signer:
@@ -173,7 +174,13 @@ def templates_preview(
         ),
     ] = None,
     format_: Annotated[
-        Format, typer.Option("--format", "-f", help="The whole message (eml), its HTML, or its plain text.")
+        Format,
+        typer.Option(
+            "--format",
+            "-f",
+            help="The whole message (eml), its HTML or its plain text; for a direct-mail step, "
+            "its HTML or the printed piece as PDF.",
+        ),
     ] = Format.EML,
     out_file: Annotated[
         Path | None, typer.Option("--out", "-o", metavar="FILE", help="Write to FILE instead of the screen.")
@@ -189,11 +196,20 @@ def templates_preview(
     tier = tier.lower()
     data: bytes
     if found.channel == Channel.MAIL:
-        if format_ != Format.HTML:
+        if format_ == Format.PDF:
+            from campaignd.printing import html_to_pdf
+
+            if out_file is None and sys.stdout.isatty():
+                raise CampaigndError("a PDF is not for the terminal: write it with --out FILE")
+            data = html_to_pdf(rendered.html, root=settings.templates)
+        elif format_ == Format.HTML:
+            data = rendered.html.encode("utf-8")
+        else:
             raise CampaigndError(
-                f"{tier}/{found.id} is a direct-mail step: preview its letter with --format html"
+                f"{tier}/{found.id} is a direct-mail step: preview its piece with --format pdf or html"
             )
-        data = rendered.html.encode("utf-8")
+    elif format_ == Format.PDF:
+        raise CampaigndError(f"{tier}/{found.id} is an email step: --format pdf is for direct-mail steps")
     elif format_ == Format.HTML:
         data = rendered.html.encode("utf-8")
     elif format_ == Format.TEXT:

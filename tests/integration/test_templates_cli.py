@@ -299,3 +299,22 @@ def test_the_daemon_will_not_start_with_an_unknown_variable(tmp_path: Path, smtp
     line = next(i for i, t in enumerate(reminder.read_text().splitlines(), 1) if "offer.link" in t)
     assert f"{reminder}: line {line}: undefined variable" in err(result) and "'link'" in err(result)
     assert smtpd.received == []
+
+
+def test_preview_of_a_direct_mail_step_as_pdf_is_the_printed_piece(tmp_path: Path) -> None:
+    from campaignd.printing import read_pdf
+
+    config = configure(tmp_path)
+    pdf = tmp_path / "postcard.pdf"
+    made = campaignd(
+        "templates", "preview", "cold", "02-postcard", "-f", "pdf", "-o", str(pdf), config=config
+    )
+    assert made.returncode == 0, err(made)
+    pages = read_pdf(pdf)
+    assert len(pages) == 2  # a postcard: the picture side and the address side
+    address_side = " ".join(pages[1].text.split())
+    assert "Maria Gonzalez" in address_side and "Lakeview Dental" in address_side  # cold/sample.toml
+    assert all(font.embedded for page in pages for font in page.fonts)
+
+    refused = campaignd("templates", "preview", "cold", "01-intro", "-f", "pdf", config=config)
+    assert refused.returncode == 1 and "pdf is for direct-mail steps" in err(refused)
