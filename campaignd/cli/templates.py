@@ -206,7 +206,8 @@ def templates_preview(
             data = rendered.html.encode("utf-8")
         else:
             raise CampaigndError(
-                f"{tier}/{found.id} is a direct-mail step: preview its piece with --format pdf or html"
+                f"{tier}/{found.id} is a direct-mail step: "
+                "preview its piece with --format pdf or --format html"
             )
     elif format_ == Format.PDF:
         raise CampaigndError(f"{tier}/{found.id} is an email step: --format pdf is for direct-mail steps")
