@@ -381,6 +381,23 @@ class Outbox(_Strict):
 _LETTER_PAPER_COUNTRIES = frozenset({"US", "CA", "MX", "PH", "CL", "CO", "VE", "GT", "DO", "CR", "PA"})
 
 
+def check_schedule(value: str) -> str:
+    """A cron schedule (see :meth:`DigestSettings.cron_fields`), spaces normalised.
+
+    :raises ValueError: it does not parse, or it never fires.
+    """
+    from apscheduler.triggers.cron import CronTrigger
+
+    value = " ".join(value.split())
+    try:
+        trigger = CronTrigger(**DigestSettings.cron_fields(value), timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a valid schedule: {exc}") from None
+    if trigger.get_next_fire_time(None, datetime(2000, 1, 1, tzinfo=ZoneInfo("UTC"))) is None:
+        raise ValueError(f"{value!r} never happens (check the day and month)")
+    return value
+
+
 class PrintSettings(_Strict):
     """Direct mail: print batches for the print shop or mailing house (``[print]``)."""
 
@@ -446,18 +463,7 @@ class PrintSettings(_Strict):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str) -> str:
-        value = " ".join(value.split())
-        if not value:
-            return value
-        from apscheduler.triggers.cron import CronTrigger
-
-        try:
-            trigger = CronTrigger(**DigestSettings.cron_fields(value), timezone="UTC")
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a valid schedule: {exc}") from None
-        if trigger.get_next_fire_time(None, datetime(2000, 1, 1, tzinfo=ZoneInfo("UTC"))) is None:
-            raise ValueError(f"{value!r} never happens (check the day and month)")
-        return value
+        return check_schedule(value) if value.strip() else ""
 
     @field_validator("return_address", mode="before")
     @classmethod
@@ -627,18 +633,7 @@ class DigestSettings(_Strict):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, value: str) -> str:
-        from datetime import UTC, datetime
-
-        from apscheduler.triggers.cron import CronTrigger
-
-        value = " ".join(value.split())
-        try:
-            trigger = CronTrigger(**cls.cron_fields(value), timezone="UTC")
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not a valid schedule: {exc}") from None
-        if trigger.get_next_fire_time(None, datetime(2000, 1, 1, tzinfo=UTC)) is None:
-            raise ValueError(f"{value!r} never happens (check the day and month)")
-        return value
+        return check_schedule(value)
 
     @field_validator("recipients", mode="before")
     @classmethod

@@ -39,6 +39,7 @@ from campaignd.digest import (
     human_time,
 )
 from campaignd.exceptions import TemplateError
+from campaignd.schedules import previous_fire_time
 from campaignd.services import ServiceContext
 from campaignd.store import Store
 from campaignd.store.digest import AttemptResult, Delivery, DigestRunRecord, RunStatus, address_of
@@ -71,26 +72,6 @@ def zone_of(settings: Settings) -> str:
 
 def trigger_for(settings: Settings) -> CronTrigger:
     return CronTrigger(**settings.digest.cron_fields(settings.digest.schedule), timezone=zone_of(settings))
-
-
-def previous_fire_time(trigger: CronTrigger, now: datetime) -> datetime | None:
-    """The latest time at or before ``now`` at which ``trigger`` fires (None if it never did
-    in the last two years).
-
-    Looks back over windows that grow fourfold, so a schedule every few seconds and one a
-    week both take a handful of steps.
-    """
-    span = timedelta(minutes=2)
-    while span <= timedelta(days=800):
-        fire: datetime | None = trigger.get_next_fire_time(None, now - span)
-        if fire is not None and fire <= now:
-            while True:
-                following: datetime | None = trigger.get_next_fire_time(fire, now)
-                if following is None or following <= fire or following > now:
-                    return fire
-                fire = following
-        span *= 4
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,14 +281,7 @@ class DigestService:
         # Checked before anything awaits, so a broken template stops the start-up before
         # the first dispatch pass can run.
         self._configure(ctx)
-        ctx.scheduler.add_job(
-            self._catch_up,
-            "date",
-            run_date=ctx.clock(),
-            id=CATCH_UP_JOB_ID,
-            misfire_grace_time=None,
-            replace_existing=True,
-        )
+        ctx.run_now(self._catch_up, CATCH_UP_JOB_ID)
 
     async def reload(self, ctx: ServiceContext) -> None:
         try:
@@ -320,10 +294,7 @@ class DigestService:
     async def stop(self) -> None:
         if self._ctx is None:
             return
-        scheduler = self._ctx.scheduler
-        for job_id in (JOB_ID, CATCH_UP_JOB_ID, WAKEUP_JOB_ID):
-            with contextlib.suppress(JobLookupError, AttributeError):
-                scheduler.remove_job(job_id)
+        self._ctx.remove_jobs(JOB_ID, CATCH_UP_JOB_ID, WAKEUP_JOB_ID)
         if not self._tasks:
             return
         bound = self._ctx.settings.dispatch.stop_timeout.total_seconds()

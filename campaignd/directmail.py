@@ -68,6 +68,7 @@ from campaignd.printing import (
     render_piece_html,
 )
 from campaignd.render import Renderer, RenderError, lead_context
+from campaignd.schedules import previous_fire_time
 from campaignd.sequences import Policy
 from campaignd.services import ServiceContext
 from campaignd.store import Recorded, Store
@@ -689,20 +690,9 @@ def trigger_for(settings: Settings) -> CronTrigger | None:
 
 
 def previous_fire(trigger: CronTrigger, now: datetime) -> datetime | None:
-    """The latest time at or before ``now`` at which ``trigger`` fired (None if it did not
-    in the last eight days). Looks back over windows that grow fourfold, so a schedule
-    every minute and one a week both take a few steps."""
-    span = timedelta(minutes=2)
-    while span <= timedelta(days=8):
-        fire: datetime | None = trigger.get_next_fire_time(None, now - span)
-        if fire is not None and fire <= now:
-            while True:
-                following: datetime | None = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
-                if following is None or following <= fire or following > now:
-                    return fire
-                fire = following
-        span *= 4
-    return None
+    """The latest time at or before ``now`` at which ``trigger`` fired, if within the last
+    eight days: an export missed longer ago than that is not caught up at start-up."""
+    return previous_fire_time(trigger, now, within=timedelta(days=8))
 
 
 class PrintBatchService:
@@ -730,14 +720,7 @@ class PrintBatchService:
 
     async def start(self, ctx: ServiceContext) -> None:
         self._configure(ctx)
-        ctx.scheduler.add_job(
-            self._catch_up,
-            "date",
-            run_date=ctx.clock(),
-            id=CATCH_UP_JOB_ID,
-            misfire_grace_time=None,
-            replace_existing=True,
-        )
+        ctx.run_now(self._catch_up, CATCH_UP_JOB_ID)
 
     async def reload(self, ctx: ServiceContext) -> None:
         self._configure(ctx)
@@ -745,9 +728,7 @@ class PrintBatchService:
     async def stop(self) -> None:
         if self._ctx is None:
             return
-        for job_id in (JOB_ID, WAITING_JOB_ID, CATCH_UP_JOB_ID):
-            with contextlib.suppress(JobLookupError, AttributeError):
-                self._ctx.scheduler.remove_job(job_id)
+        self._ctx.remove_jobs(JOB_ID, WAITING_JOB_ID, CATCH_UP_JOB_ID)
         task = self._task
         if task is None or task.done():
             return

@@ -9,6 +9,7 @@ APScheduler; all of its state lives in the database, like the dispatcher's.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -38,6 +39,20 @@ class ServiceContext:
     channels: dict[str, Channel]
     clock: Callable[[], datetime]
     health: Callable[[], dict[str, Any]]
+
+    def run_now(self, job: Callable[[], Any], job_id: str) -> None:
+        """Run ``job`` once, as soon as the scheduler can (catching up at start-up)."""
+        self.scheduler.add_job(
+            job, "date", run_date=self.clock(), id=job_id, misfire_grace_time=None, replace_existing=True
+        )
+
+    def remove_jobs(self, *job_ids: str) -> None:
+        """Remove the service's jobs; those not scheduled (or a scheduler already shut down) are skipped."""
+        from apscheduler.jobstores.base import JobLookupError
+
+        for job_id in job_ids:
+            with contextlib.suppress(JobLookupError, AttributeError):
+                self.scheduler.remove_job(job_id)
 
 
 class Service(Protocol):

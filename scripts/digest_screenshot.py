@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from chromium_shot import shoot as chromium_shot
 from PIL import Image, ImageDraw, ImageFont
 
 from campaignd import database
@@ -138,35 +138,7 @@ def render_html(leads: int, state: Path) -> tuple[str, int]:
 
 
 def shoot(html: Path, width: int, png: Path, profile: Path) -> Image.Image:
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            f"--window-size={width},4200",
-            f"--screenshot={png}",
-            html.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    with Image.open(png) as shot:
-        image = shot.convert("RGB")
-    # Cut the empty page below the email.
-    bottom = image.height
-    pixels = image.load()
-    assert pixels is not None
-    while bottom > 1 and all(pixels[x, bottom - 1] == BACKGROUND for x in range(0, image.width, 7)):
-        bottom -= 1
-    return image.crop((0, 0, image.width, min(bottom + 16, image.height)))
+    return chromium_shot(html, width, png, profile, background=BACKGROUND)
 
 
 def compose(desktop: Image.Image, phone: Image.Image) -> Image.Image:

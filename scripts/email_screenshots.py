@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import html
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from chromium_shot import shoot as chromium_shot
 from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,35 +43,7 @@ def say(text: str) -> None:
 
 
 def shoot(html: Path, width: int, png: Path, profile: Path) -> Image.Image:
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            f"--user-data-dir={profile}",
-            f"--window-size={width},3200",
-            f"--screenshot={png}",
-            html.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    with Image.open(png) as shot:
-        image = shot.convert("RGB")
-    # Cut the empty page below the email.
-    bottom = image.height
-    pixels = image.load()
-    assert pixels is not None
-    while bottom > 1 and all(pixels[x, bottom - 1] == BACKGROUND for x in range(0, image.width, 7)):
-        bottom -= 1
-    return image.crop((0, 0, image.width, min(bottom + 12, image.height)))
+    return chromium_shot(html, width, png, profile, background=BACKGROUND, height=3200, margin=12)
 
 
 def font(path: Path, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:

@@ -40,7 +40,7 @@ from campaignd.digest import (
     sample_digest,
     tel_href,
 )
-from campaignd.digest_job import previous_fire_time
+from campaignd.schedules import previous_fire_time
 from tests.factories import TEMPLATES
 
 ZONE = "America/Chicago"
