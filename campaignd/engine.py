@@ -70,36 +70,40 @@ class GroupCommit(Generic[T, R]):
         self._gather = gather
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
-        self._arrived = asyncio.Event()
+        self._full: asyncio.Future[None] | None = None
+        """Set when every member has submitted, while a commit waits to gather them."""
         self.members = 0
         """Workers that submit to this group now; a commit waits for at most this many."""
 
     def leave(self) -> None:
         """A member is done: commits no longer wait for it."""
         self.members -= 1
-        self._arrived.set()
+        self._check_full()
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        self._arrived.set()
+        self._check_full()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain())
         return await future
 
+    def _check_full(self) -> None:
+        if self._full is not None and len(self._pending) >= self.members:
+            _resolve(self._full)
+
     async def _gathered(self) -> None:
         """Wait until every member has submitted, or ``gather`` seconds have passed."""
+        if len(self._pending) >= self.members:
+            return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._gather
-        while len(self._pending) < self.members:
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
-                return
+        self._full = full = loop.create_future()
+        timer = loop.call_later(self._gather, _resolve, full)
+        try:
+            await full
+        finally:
+            timer.cancel()
+            self._full = None
 
     async def _drain(self) -> None:
         while self._pending:
@@ -536,6 +540,11 @@ class Dispatcher:
             )
             for results, touch_id in items
         ]
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class _StepGone(Exception):

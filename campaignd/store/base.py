@@ -7,7 +7,6 @@ SQL or opens transactions.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -31,6 +30,7 @@ from campaignd.models import (
     Touch,
     TouchStatus,
 )
+from campaignd.store.hot import HotStatements
 
 leads_t: sa.Table = Lead.__table__  # type: ignore[attr-defined]
 touches_t: sa.Table = Touch.__table__  # type: ignore[attr-defined]
@@ -56,6 +56,7 @@ class StoreBase:
         self.reader = engine.execution_options(**{READ_ONLY: True})
         """Connections that only read (``self.reader.connect()``): no write lock on SQLite."""
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._hot = HotStatements(engine.dialect)
 
     def _insert(self, table: sa.Table) -> Any:
         return (postgresql.insert if self.is_postgres else sqlite.insert)(table)
@@ -232,20 +233,3 @@ def after_events(lead_id: int, after: core.AfterTouch) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def executemany_update(conn: Connection, table: sa.Table, params: list[dict[str, Any]]) -> None:
-    """Update rows by ``b_id``, one executemany per set of changed columns."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
-    for p in params:
-        groups.setdefault(tuple(sorted(k for k in p if k != "b_id")), []).append(p)
-    for keys, rows in groups.items():
-        conn.execute(_update_by_id(table, keys), rows)
-
-
-@functools.cache
-def _update_by_id(table: sa.Table, keys: tuple[str, ...]) -> sa.Update:
-    """``UPDATE table SET key = :key, ... WHERE id = :b_id``, built once per set of keys."""
-    return (
-        sa.update(table).where(table.c.id == sa.bindparam("b_id")).values({k: sa.bindparam(k) for k in keys})
-    )

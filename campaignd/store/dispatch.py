@@ -10,7 +10,6 @@ split by another writer.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -25,10 +24,8 @@ from campaignd.models import LeadStatus, SuppressionReason, TouchStatus
 from campaignd.store.base import (
     StoreBase,
     after_events,
-    executemany_update,
     leads_t,
     meta_t,
-    suppressions_t,
     touches_t,
 )
 from campaignd.store.records import (
@@ -234,11 +231,7 @@ class DispatchQueries(StoreBase):
     def _mark_sending(
         self, conn: Connection, touch_ids: Sequence[int], *, worker: str, now: datetime, lease: timedelta
     ) -> set[int]:
-        rows = conn.execute(
-            _MARK_SENDING,
-            {"ids": list(touch_ids), "worker": worker, "lease_until": now + lease, "now": now},
-        )
-        return set(rows.scalars())
+        return self._hot.mark_sending(conn, touch_ids, worker=worker, lease_until=now + lease, now=now)
 
     def advance(
         self,
@@ -352,7 +345,7 @@ class DispatchQueries(StoreBase):
             return []
         by_id = {r.touch_id: r for r in results}
         out: list[Recorded] = []
-        touch_rows, states, emails = self._load_settling(conn, list(by_id))
+        touch_rows, states, emails = self._hot.settling(conn, list(by_id))
         touch_updates: list[dict[str, Any]] = []
         lead_updates: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
@@ -487,46 +480,10 @@ class DispatchQueries(StoreBase):
                 )
                 out.append(Recorded(t.id, email, t.tier, t.step, status.value, detail=result.detail))
             touch_updates.append(upd)
-        executemany_update(conn, touches_t, touch_updates)
-        executemany_update(conn, leads_t, lead_updates)
-        self._events(conn, events)
+        self._hot.update(conn, touches_t, touch_updates)
+        self._hot.update(conn, leads_t, lead_updates)
+        self._hot.insert_events(conn, events)
         return out
-
-    def _load_settling(
-        self, conn: Connection, touch_ids: list[int]
-    ) -> tuple[dict[int, Any], dict[int, core.LeadState], dict[int, str]]:
-        """The touches being settled, and their leads as the core sees them, in two queries.
-
-        The leads are locked for the transaction on PostgreSQL, so a concurrent change by
-        hand (an unsubscribe, a manual touch) is either seen here or waits for this.
-        """
-        leads_q, touches_q = _settling_queries(self.is_postgres)
-        leads = conn.execute(leads_q, {"ids": touch_ids}).all()
-        touches: dict[int, list[core.TouchView]] = {}
-        rows: dict[int, Any] = {}
-        wanted = set(touch_ids)
-        for t in conn.execute(touches_q, {"ids": touch_ids}):
-            if t.id in wanted:
-                rows[t.id] = t
-            touches.setdefault(t.lead_id, []).append(
-                core.TouchView(
-                    t.tier, t.step, t.status, t.sent_at or t.created_at, t.lease_until, t.next_attempt_at
-                )
-            )
-        states = {
-            r.id: core.LeadState(
-                tier=r.tier,
-                status=r.status,
-                touch_count=r.touch_count,
-                tier_since=r.tier_since,
-                last_touch_at=r.last_touch_at,
-                timezone=r.timezone,
-                suppressed=r.suppressed is not None,
-                touches=tuple(touches.get(r.id, ())),
-            )
-            for r in leads
-        }
-        return rows, states, {r.id: r.email for r in leads}
 
     def retry_touches(self, touch_ids: Sequence[int], *, now: datetime) -> list[TouchRecord]:
         """Re-queue ``unknown`` or ``failed`` touches after the operator has checked them."""
@@ -597,68 +554,3 @@ class DispatchQueries(StoreBase):
         with self.reader.connect() as conn:
             row = conn.execute(sa.select(touches_t).where(touches_t.c.id == touch_id)).first()
         return None if row is None else touch_record(row)
-
-
-# Statements on the hot path are built once: building one costs more than running it.
-
-_MARK_SENDING = (
-    sa.update(touches_t)
-    .where(
-        touches_t.c.id.in_(sa.bindparam("ids", expanding=True)),
-        touches_t.c.status == TouchStatus.CLAIMED.value,
-        touches_t.c.claimed_by == sa.bindparam("worker"),
-    )
-    .values(
-        status=TouchStatus.SENDING.value,
-        attempts=touches_t.c.attempts + 1,
-        lease_until=sa.bindparam("lease_until"),
-        updated_at=sa.bindparam("now"),
-    )
-    .returning(touches_t.c.id)
-)
-
-
-@functools.cache
-def _settling_queries(for_update: bool) -> tuple[sa.Select[Any], sa.Select[Any]]:
-    """The leads of the touches ``ids`` (locked when ``for_update``), and all their touches."""
-    lead_ids = (
-        sa.select(touches_t.c.lead_id)
-        .where(touches_t.c.id.in_(sa.bindparam("ids", expanding=True)))
-        .scalar_subquery()
-    )
-    leads_q = (
-        sa.select(
-            leads_t.c.id,
-            leads_t.c.email,
-            leads_t.c.tier,
-            leads_t.c.status,
-            leads_t.c.touch_count,
-            leads_t.c.tier_since,
-            leads_t.c.last_touch_at,
-            leads_t.c.timezone,
-            suppressions_t.c.email.label("suppressed"),
-        )
-        .select_from(leads_t.outerjoin(suppressions_t, suppressions_t.c.email == leads_t.c.email))
-        .where(leads_t.c.id.in_(lead_ids))
-        .order_by(leads_t.c.id)
-    )
-    if for_update:
-        leads_q = leads_q.with_for_update(of=leads_t)
-    touches_q = (
-        sa.select(
-            touches_t.c.id,
-            touches_t.c.lead_id,
-            touches_t.c.tier,
-            touches_t.c.step,
-            touches_t.c.status,
-            touches_t.c.attempts,
-            touches_t.c.message_id,
-            touches_t.c.created_at,
-            touches_t.c.sent_at,
-            touches_t.c.lease_until,
-            touches_t.c.next_attempt_at,
-        )
-        .where(touches_t.c.lead_id.in_(lead_ids), touches_t.c.step.is_not(None))
-        .order_by(touches_t.c.id)
-    )
-    return leads_q, touches_q

@@ -1,0 +1,265 @@
+"""The dispatcher's hot statements, run on the driver's own cursor.
+
+Every message that leaves costs one transaction: record the answer before it, mark it
+as leaving. Building and executing a statement through SQLAlchemy costs several times
+what the database spends running it, so the few statements of that transaction are
+plain SQL, written once for both databases, and run on the DBAPI cursor of the
+connection that SQLAlchemy opened the transaction on (so they share it with anything
+else the transaction does). Time stamps go through the column type's own processors,
+so what is stored is exactly what the rest of the store writes and reads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Dialect
+
+from campaignd import sequences as core
+from campaignd.models import TouchStatus, UTCDateTime
+
+TIMESTAMPS = frozenset(
+    {
+        "created_at",
+        "updated_at",
+        "sent_at",
+        "lease_until",
+        "next_attempt_at",
+        "tier_since",
+        "last_touch_at",
+        "next_due_at",
+        "flagged_at",
+    }
+)
+"""Columns of ``leads`` and ``touches`` written here that hold a time stamp."""
+
+
+class Settling(NamedTuple):
+    """A touch whose answer is being recorded, as the recording needs it."""
+
+    id: int
+    lead_id: int
+    tier: str
+    step: str
+    status: str
+    attempts: int
+    message_id: str | None
+
+
+class Settled(NamedTuple):
+    touches: dict[int, Settling]
+    """The touches asked for that exist, by id."""
+    states: dict[int, core.LeadState]
+    """Their leads as the decision core sees them, by lead id."""
+    emails: dict[int, str]
+
+
+_LEADS = """
+SELECT l.id, l.email, l.tier, l.status, l.touch_count, l.tier_since, l.last_touch_at,
+       l.timezone, s.email
+FROM leads l LEFT JOIN suppressions s ON s.email = l.email
+WHERE l.id IN (SELECT lead_id FROM touches WHERE id {ids})
+ORDER BY l.id
+"""
+
+_TOUCHES = """
+SELECT id, lead_id, tier, step, status, attempts, message_id, created_at, sent_at,
+       lease_until, next_attempt_at
+FROM touches
+WHERE lead_id IN (SELECT lead_id FROM touches WHERE id {ids}) AND step IS NOT NULL
+ORDER BY id
+"""
+
+_MARK = """
+UPDATE touches
+SET status = :sending, attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
+WHERE id {ids} AND status = :claimed AND claimed_by = :worker
+RETURNING id
+"""
+
+
+class HotStatements:
+    """The record-and-mark transaction's statements for one database dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.postgres = dialect.name == "postgresql"
+        self._bind: Callable[[Any], Any]
+        self._read: Callable[[Any], Any]
+        if self.postgres:
+            # The type as this dialect runs it (generic DateTime has no processors of its own).
+            stamp = UTCDateTime().dialect_impl(dialect)
+            self._bind = stamp.bind_processor(dialect) or _same
+            self._read = stamp.result_processor(dialect, None) or _same
+        else:
+            self._bind, self._read = sqlite_stamp, read_sqlite_stamp
+        self._sql: dict[tuple[str, int], str] = {}
+        self._updates: dict[tuple[str, tuple[str, ...]], str] = {}
+        events = "INSERT INTO lead_events (lead_id, kind, at, detail) VALUES (:l, :k, :a, :d)"
+        self._events_sql = re.sub(r":(\w+)", r"%(\1)s", events) if self.postgres else events
+
+    # -- statements ----------------------------------------------------------------------
+
+    def _text(self, template: str, count: int) -> str:
+        """``template`` in the driver's parameter style, with ``{ids}`` as ``count`` ids."""
+        key = (template, 0 if self.postgres else count)
+        sql = self._sql.get(key)
+        if sql is None:
+            if self.postgres:
+                # One statement whatever the count, so the server can prepare it once.
+                sql = re.sub(r":(\w+)", r"%(\1)s", template.format(ids="= ANY(:ids)"))
+            else:
+                sql = template.format(ids=f"IN ({', '.join(f':i{n}' for n in range(count))})")
+            self._sql[key] = sql
+        return sql
+
+    def _ids(self, ids: Sequence[int], params: dict[str, Any]) -> dict[str, Any]:
+        if self.postgres:
+            params["ids"] = list(ids)
+        else:
+            params.update({f"i{n}": value for n, value in enumerate(ids)})
+        return params
+
+    def _update_text(self, table: sa.Table, keys: tuple[str, ...]) -> str:
+        sql = self._updates.get((table.name, keys))
+        if sql is None:
+            unknown = [key for key in keys if key not in table.c]
+            if unknown:
+                raise ValueError(f"{table.name} has no column {', '.join(unknown)}")
+            assignments = ", ".join(f"{key} = :{key}" for key in keys)
+            # Names checked against the table just above; every value is a parameter.
+            sql = f"UPDATE {table.name} SET {assignments} WHERE id = :b_id"  # noqa: S608
+            if self.postgres:
+                sql = re.sub(r":(\w+)", r"%(\1)s", sql)
+            self._updates[(table.name, keys)] = sql
+        return sql
+
+    # -- the transaction's steps ---------------------------------------------------------------
+
+    def settling(self, conn: Connection, touch_ids: Sequence[int]) -> Settled:
+        """The touches being settled and their leads as the core sees them, in two queries.
+
+        The leads are locked for the transaction on PostgreSQL, so a concurrent change by
+        hand (an unsubscribe, a manual touch) is either seen here or waits for this.
+        """
+        read = self._read
+        cur = _cursor(conn)
+        try:
+            leads_sql = self._text(_LEADS, len(touch_ids))
+            if self.postgres:
+                leads_sql += " FOR UPDATE OF l"
+            cur.execute(leads_sql, self._ids(touch_ids, {}))
+            leads = cur.fetchall()
+            cur.execute(self._text(_TOUCHES, len(touch_ids)), self._ids(touch_ids, {}))
+            touch_rows = cur.fetchall()
+        finally:
+            cur.close()
+        wanted = set(touch_ids)
+        settling: dict[int, Settling] = {}
+        views: dict[int, list[core.TouchView]] = {}
+        for tid, lead_id, tier, step, status, attempts, msg_id, created, sent, lease, retry in touch_rows:
+            if tid in wanted:
+                settling[tid] = Settling(tid, lead_id, tier, step, status, attempts, msg_id)
+            views.setdefault(lead_id, []).append(
+                core.TouchView(
+                    tier,
+                    step,
+                    status,
+                    read(sent) if sent is not None else read(created),
+                    read(lease),
+                    read(retry),
+                )
+            )
+        states = {
+            lead_id: core.LeadState(
+                tier=tier,
+                status=status,
+                touch_count=count,
+                tier_since=read(since),
+                last_touch_at=read(last),
+                timezone=zone,
+                suppressed=suppressed is not None,
+                touches=tuple(views.get(lead_id, ())),
+            )
+            for lead_id, _, tier, status, count, since, last, zone, suppressed in leads
+        }
+        return Settled(settling, states, {row[0]: row[1] for row in leads})
+
+    def update(self, conn: Connection, table: sa.Table, rows: Iterable[dict[str, Any]]) -> None:
+        """Update rows of ``table`` by ``b_id``, one executemany per set of changed columns."""
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            keys = tuple(sorted(key for key in row if key != "b_id"))
+            groups.setdefault(keys, []).append(row)
+        if not groups:
+            return
+        bind = self._bind
+        cur = _cursor(conn)
+        try:
+            for keys, params in groups.items():
+                stamps = [key for key in keys if key in TIMESTAMPS]
+                for row in params:
+                    for key in stamps:
+                        row[key] = bind(row[key])
+                cur.executemany(self._update_text(table, keys), params)
+        finally:
+            cur.close()
+
+    def insert_events(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Add ``lead_events`` rows (``lead_id``, ``kind``, ``at``, ``detail``)."""
+        if not rows:
+            return
+        bind = self._bind
+        params = [
+            {"l": row["lead_id"], "k": row["kind"], "a": bind(row["at"]), "d": row["detail"]} for row in rows
+        ]
+        cur = _cursor(conn)
+        try:
+            cur.executemany(self._events_sql, params)
+        finally:
+            cur.close()
+
+    def mark_sending(
+        self, conn: Connection, touch_ids: Sequence[int], *, worker: str, lease_until: datetime, now: datetime
+    ) -> set[int]:
+        """Mark claimed touches as leaving; returns those that were still ours to send."""
+        params = {
+            "worker": worker,
+            "lease_until": self._bind(lease_until),
+            "now": self._bind(now),
+            "sending": TouchStatus.SENDING.value,
+            "claimed": TouchStatus.CLAIMED.value,
+        }
+        cur = _cursor(conn)
+        try:
+            cur.execute(self._text(_MARK, len(touch_ids)), self._ids(touch_ids, params))
+            return {row[0] for row in cur.fetchall()}
+        finally:
+            cur.close()
+
+
+def sqlite_stamp(value: datetime | None) -> str | None:
+    """A time stamp as SQLite stores it (naive UTC text, as SQLAlchemy's DateTime writes it)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        raise ValueError(f"naive datetime {value!r} given to the database; use UTC")
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+def read_sqlite_stamp(value: str | None) -> datetime | None:
+    """The time stamp SQLite holds as text, in UTC."""
+    if value is None:
+        return None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _cursor(conn: Connection) -> Any:
+    return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+
+def _same(value: Any) -> Any:
+    return value
