@@ -14,6 +14,7 @@ Database calls run in worker threads; the event loop only waits on the network.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
@@ -304,6 +305,10 @@ class Dispatcher:
                     workers.append(self._work(lane, advancer, report, halt))
             await asyncio.gather(*workers)
         finally:
+            try:
+                await asyncio.to_thread(self.store.end_sending)
+            except Exception as exc:
+                logger.warning("closing the senders' database connection failed: %s", _short(exc))
             for channel in self._open.values():
                 try:
                     await channel.close()
@@ -515,7 +520,7 @@ class Dispatcher:
             lead.email,
             data,
             msg_id,
-            filename_hint=_slug(f"{claim.tier}-{step.id}"),
+            filename_hint=_step_slug(claim.tier, step.id),
         )
 
     def _advance(self, items: list[_Step]) -> list[_Advanced]:
@@ -581,6 +586,11 @@ def _drain(queue: asyncio.Queue[Claim]) -> list[Claim]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:80]
+
+
+@functools.lru_cache(maxsize=1024)
+def _step_slug(tier: str, step: str) -> str:
+    return _slug(f"{tier}-{step}")
 
 
 def describe_error(exc: BaseException) -> str:

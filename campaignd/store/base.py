@@ -57,6 +57,8 @@ class StoreBase:
         """Connections that only read (``self.reader.connect()``): no write lock on SQLite."""
         self.is_postgres = engine.dialect.name == "postgresql"
         self._hot = HotStatements(engine.dialect)
+        self._sending: Connection | None = None
+        """The connection the senders' transactions run on during a dispatch pass."""
 
     def _insert(self, table: sa.Table) -> Any:
         return (postgresql.insert if self.is_postgres else sqlite.insert)(table)

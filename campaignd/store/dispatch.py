@@ -147,9 +147,9 @@ class DispatchQueries(StoreBase):
                     wanted.append((lead, decision.touch))
                 elif isinstance(decision, core.Wait):
                     step = decision.touch.step.id if decision.touch else None
-                    reschedule.append({"b_id": lead_id, "b_step": step, "b_due": decision.until})
+                    reschedule.append({"b_id": lead_id, "next_step": step, "next_due_at": decision.until})
                 else:
-                    reschedule.append({"b_id": lead_id, "b_step": None, "b_due": None})
+                    reschedule.append({"b_id": lead_id, "next_step": None, "next_due_at": None})
             claims: list[Claim] = []
             if wanted:
                 rows = [
@@ -206,17 +206,12 @@ class DispatchQueries(StoreBase):
                     if hit is None:
                         # The slot is taken after all (another daemon, a stale plan):
                         # look again on the next pass rather than guess.
-                        reschedule.append({"b_id": lead.id, "b_step": None, "b_due": now + policy.lease})
+                        later = now + policy.lease
+                        reschedule.append({"b_id": lead.id, "next_step": None, "next_due_at": later})
                         continue
                     claims.append(Claim(hit.id, lead, nt.tier, nt.step.id, hit.attempts))
-                    reschedule.append({"b_id": lead.id, "b_step": nt.step.id, "b_due": lease_until})
-            if reschedule:
-                conn.execute(
-                    sa.update(leads_t)
-                    .where(leads_t.c.id == sa.bindparam("b_id"))
-                    .values(next_step=sa.bindparam("b_step"), next_due_at=sa.bindparam("b_due")),
-                    reschedule,
-                )
+                    reschedule.append({"b_id": lead.id, "next_step": nt.step.id, "next_due_at": lease_until})
+            self._hot.update(conn, leads_t, reschedule)
         return ClaimPass(claims, len(leads) - len(claims))
 
     def mark_sending(
@@ -253,20 +248,46 @@ class DispatchQueries(StoreBase):
         weakening either promise (the answer is durable before anything else happens,
         and nothing leaves before its mark is durable).
         """
-        with self.engine.begin() as conn:
-            recorded = self._record(
-                conn,
-                results,
-                policy=policy,
-                now=now,
-                max_attempts=max_attempts,
-                backoff=backoff,
-                backoff_max=backoff_max,
-            )
-            marked = (
-                self._mark_sending(conn, leaving, worker=worker, now=now, lease=lease) if leaving else set()
-            )
+        conn = self._sender_connection()
+        try:
+            # A hard bounce also suppresses the address through statements that read
+            # each answer as they go: that rare transaction runs without the pipeline.
+            bounced = any(result.outcome == "permanent" for result in results)
+            with conn.begin(), self._hot.pipeline(conn, enabled=not bounced):
+                recorded = self._record(
+                    conn,
+                    results,
+                    policy=policy,
+                    now=now,
+                    max_attempts=max_attempts,
+                    backoff=backoff,
+                    backoff_max=backoff_max,
+                )
+                marked = (
+                    self._mark_sending(conn, leaving, worker=worker, now=now, lease=lease)
+                    if leaving
+                    else set()
+                )
+        except Exception:
+            # The connection may be what failed (the server restarted): the next
+            # transaction starts on a fresh one.
+            self.end_sending()
+            raise
         return recorded, marked
+
+    def _sender_connection(self) -> Connection:
+        """The connection the senders' transactions run on, kept from one to the next:
+        checking one out of the pool costs round trips (a ping, a reset) each time."""
+        conn = self._sending
+        if conn is None or conn.closed or conn.invalidated:
+            conn = self._sending = self.engine.connect()
+        return conn
+
+    def end_sending(self) -> None:
+        """Give the senders' connection back to the pool (at the end of each pass)."""
+        conn, self._sending = self._sending, None
+        if conn is not None:
+            conn.close()
 
     def release(
         self, touch_ids: Sequence[int], *, worker: str, now: datetime, retry_at: datetime | None = None

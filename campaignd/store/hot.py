@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -104,23 +105,22 @@ class HotStatements:
     # -- statements ----------------------------------------------------------------------
 
     def _text(self, template: str, count: int) -> str:
-        """``template`` in the driver's parameter style, with ``{ids}`` as ``count`` ids."""
-        key = (template, 0 if self.postgres else count)
-        sql = self._sql.get(key)
+        """``template`` in the driver's parameter style, with ``{ids}`` as ``count`` ids.
+
+        The ids go as a list of parameters, not as one array: on PostgreSQL a prepared
+        statement with an array parameter gets a generic plan that scans the table.
+        """
+        sql = self._sql.get((template, count))
         if sql is None:
+            sql = template.format(ids=f"IN ({', '.join(f':i{n}' for n in range(count))})")
             if self.postgres:
-                # One statement whatever the count, so the server can prepare it once.
-                sql = re.sub(r":(\w+)", r"%(\1)s", template.format(ids="= ANY(:ids)"))
-            else:
-                sql = template.format(ids=f"IN ({', '.join(f':i{n}' for n in range(count))})")
-            self._sql[key] = sql
+                sql = re.sub(r":(\w+)", r"%(\1)s", sql)
+            self._sql[(template, count)] = sql
         return sql
 
-    def _ids(self, ids: Sequence[int], params: dict[str, Any]) -> dict[str, Any]:
-        if self.postgres:
-            params["ids"] = list(ids)
-        else:
-            params.update({f"i{n}": value for n, value in enumerate(ids)})
+    @staticmethod
+    def _ids(ids: Sequence[int], params: dict[str, Any]) -> dict[str, Any]:
+        params.update({f"i{n}": value for n, value in enumerate(ids)})
         return params
 
     def _update_text(self, table: sa.Table, keys: tuple[str, ...]) -> str:
@@ -137,6 +137,14 @@ class HotStatements:
             self._updates[(table.name, keys)] = sql
         return sql
 
+    def pipeline(self, conn: Connection, *, enabled: bool = True) -> AbstractContextManager[Any]:
+        """On PostgreSQL, send the transaction's statements without waiting for each answer
+        (psycopg's pipeline mode): the server is asked only when a result is read, so the
+        writes and the mark that follows them cost one round trip together."""
+        if not (self.postgres and enabled):
+            return nullcontext()
+        return conn.connection.dbapi_connection.pipeline()  # type: ignore[union-attr,no-any-return]
+
     # -- the transaction's steps ---------------------------------------------------------------
 
     def settling(self, conn: Connection, touch_ids: Sequence[int]) -> Settled:
@@ -146,17 +154,20 @@ class HotStatements:
         hand (an unsubscribe, a manual touch) is either seen here or waits for this.
         """
         read = self._read
-        cur = _cursor(conn)
+        # Both are sent before either is read (one round trip in a pipeline); the server
+        # runs them in order, so the touches are read once their leads are locked.
+        leads_cur, touches_cur = _cursor(conn), _cursor(conn)
         try:
             leads_sql = self._text(_LEADS, len(touch_ids))
             if self.postgres:
                 leads_sql += " FOR UPDATE OF l"
-            cur.execute(leads_sql, self._ids(touch_ids, {}))
-            leads = cur.fetchall()
-            cur.execute(self._text(_TOUCHES, len(touch_ids)), self._ids(touch_ids, {}))
-            touch_rows = cur.fetchall()
+            leads_cur.execute(leads_sql, self._ids(touch_ids, {}))
+            touches_cur.execute(self._text(_TOUCHES, len(touch_ids)), self._ids(touch_ids, {}))
+            leads = leads_cur.fetchall()
+            touch_rows = touches_cur.fetchall()
         finally:
-            cur.close()
+            leads_cur.close()
+            touches_cur.close()
         wanted = set(touch_ids)
         settling: dict[int, Settling] = {}
         views: dict[int, list[core.TouchView]] = {}
