@@ -79,8 +79,7 @@ def create_engine(url: str, *, busy_timeout_s: float = 10.0, pool_size: int = 5)
             # instead of failing on a lock upgrade; readers (``READ_ONLY``) take none and
             # never wait behind a writer.
             read_only = conn.get_execution_options().get(READ_ONLY, False)
-            # On the driver's connection: this runs for every transaction.
-            conn.connection.dbapi_connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")  # type: ignore[union-attr]
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
