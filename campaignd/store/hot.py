@@ -100,9 +100,14 @@ class HotStatements:
         self._sql: dict[tuple[str, int], str] = {}
         self._updates: dict[tuple[str, tuple[str, ...]], str] = {}
         events = "INSERT INTO lead_events (lead_id, kind, at, detail) VALUES (:l, :k, :a, :d)"
-        self._events_sql = re.sub(r":(\w+)", r"%(\1)s", events) if self.postgres else events
+        self._events_sql = self._styled(events)
 
     # -- statements ----------------------------------------------------------------------
+
+    def _styled(self, sql: str) -> str:
+        """``sql`` with its ``:name`` parameters in the driver's style (sqlite3 takes them as
+        they are; psycopg wants ``%(name)s``)."""
+        return re.sub(r":(\w+)", r"%(\1)s", sql) if self.postgres else sql
 
     def _text(self, template: str, count: int) -> str:
         """``template`` in the driver's parameter style, with ``{ids}`` as ``count`` ids.
@@ -112,9 +117,7 @@ class HotStatements:
         """
         sql = self._sql.get((template, count))
         if sql is None:
-            sql = template.format(ids=f"IN ({', '.join(f':i{n}' for n in range(count))})")
-            if self.postgres:
-                sql = re.sub(r":(\w+)", r"%(\1)s", sql)
+            sql = self._styled(template.format(ids=f"IN ({', '.join(f':i{n}' for n in range(count))})"))
             self._sql[(template, count)] = sql
         return sql
 
@@ -131,9 +134,7 @@ class HotStatements:
                 raise ValueError(f"{table.name} has no column {', '.join(unknown)}")
             assignments = ", ".join(f"{key} = :{key}" for key in keys)
             # Names checked against the table just above; every value is a parameter.
-            sql = f"UPDATE {table.name} SET {assignments} WHERE id = :b_id"  # noqa: S608
-            if self.postgres:
-                sql = re.sub(r":(\w+)", r"%(\1)s", sql)
+            sql = self._styled(f"UPDATE {table.name} SET {assignments} WHERE id = :b_id")  # noqa: S608
             self._updates[(table.name, keys)] = sql
         return sql
 
