@@ -25,6 +25,7 @@ class Received:
     sender: str
     recipients: tuple[str, ...]
     data: bytes
+    mail_options: tuple[str, ...] = ()
 
     @property
     def message(self) -> Message:
@@ -103,7 +104,9 @@ class _Handler:
         if answer and not answer.startswith("2"):
             return answer
         content = envelope.original_content or b""
-        self.server.received.append(Received(str(envelope.mail_from), tuple(envelope.rcpt_tos), content))
+        self.server.received.append(
+            Received(str(envelope.mail_from), tuple(envelope.rcpt_tos), content, tuple(envelope.mail_options))
+        )
         if faults.stall_data:
             await asyncio.sleep(faults.stall_data)
         if faults.drop_after_data:
@@ -121,7 +124,9 @@ class SmtpServer:
     same port.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, smtputf8: bool = False) -> None:
+        self.smtputf8 = smtputf8
+        """Offer the SMTPUTF8 extension."""
         self.received: list[Received] = []
         self.rcpt_attempts: list[str] = []
         self.connections = 0
@@ -148,7 +153,9 @@ class SmtpServer:
             handler = _Handler(self)
 
             def factory() -> SMTP:
-                return SMTP(handler, hostname="sink.test", loop=loop, timeout=30)
+                return SMTP(
+                    handler, hostname="sink.test", loop=loop, timeout=30, enable_SMTPUTF8=self.smtputf8
+                )
 
             server = loop.run_until_complete(
                 loop.create_server(factory, "127.0.0.1", self.port, reuse_address=True)

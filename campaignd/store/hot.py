@@ -78,9 +78,11 @@ ORDER BY id
 _MARK = """
 UPDATE touches
 SET status = :sending, attempts = attempts + 1, lease_until = :lease_until, updated_at = :now
-WHERE id {ids} AND status = :claimed AND claimed_by = :worker
+WHERE id {ids} AND {status} = :claimed AND claimed_by = :worker
 RETURNING id
 """
+"""Without statistics SQLite would rather walk the (status, lease) index over every claimed
+touch than look up the few ids: ``+status`` keeps that index out of the choice."""
 
 
 class HotStatements:
@@ -98,6 +100,7 @@ class HotStatements:
         else:
             self._bind, self._read = sqlite_stamp, read_sqlite_stamp
         self._sql: dict[tuple[str, int], str] = {}
+        self._mark = _MARK.replace("{status}", "status" if self.postgres else "+status")
         self._updates: dict[tuple[str, tuple[str, ...]], str] = {}
         events = "INSERT INTO lead_events (lead_id, kind, at, detail) VALUES (:l, :k, :a, :d)"
         self._events_sql = self._styled(events)
@@ -247,7 +250,7 @@ class HotStatements:
         }
         cur = _cursor(conn)
         try:
-            cur.execute(self._text(_MARK, len(touch_ids)), self._ids(touch_ids, params))
+            cur.execute(self._text(self._mark, len(touch_ids)), self._ids(touch_ids, params))
             return {row[0] for row in cur.fetchall()}
         finally:
             cur.close()

@@ -60,8 +60,9 @@ def snapshot(engine: sa.Engine, steps: int) -> Snapshot:
 def run_crash_loop(tmp_path: Path, *, leads: int, kills: int, seed: int) -> None:
     rng = random.Random(seed)
     with SmtpServer() as smtpd:
-        # A little latency per message, as a real relay has, so that kills land mid-batch.
-        smtpd.faults.stall_data = 0.01
+        # A little latency per message, as a real relay has, so that kills land mid-batch
+        # (and there is work left for every kill: at most about 200 messages a second).
+        smtpd.faults.stall_data = 0.02
         extra = f"""
 [dispatch]
 interval = "1s"
@@ -149,7 +150,7 @@ timeout = "5s"
 
 
 def test_killing_the_daemon_while_it_sends_never_sends_a_step_twice(tmp_path: Path) -> None:
-    run_crash_loop(tmp_path, leads=150, kills=8, seed=1)
+    run_crash_loop(tmp_path, leads=400, kills=8, seed=1)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 
 from campaignd.channels import Outcome, Outgoing
 from campaignd.config import Smtp
-from campaignd.mailer import SmtpChannel, envelope_address
+from campaignd.mailer import SmtpChannel, envelope_address, wire_data
 from tests.smtp import SmtpServer
 
 
@@ -161,3 +161,37 @@ async def test_a_non_ascii_mailbox_needs_smtputf8(smtpd: SmtpServer) -> None:
     assert envelope_address("zoë@example.com") == ("zoë@example.com", True)
     outcomes = await send_all(channel(smtpd), [message(1, "zoë@example.com")])
     assert outcomes == [Outcome.REJECTED]
+
+
+async def test_a_non_ascii_mailbox_goes_out_when_the_relay_offers_smtputf8() -> None:
+    # The first message on a fresh connection: the extensions are known before it leaves.
+    with SmtpServer(smtputf8=True) as server:
+        outcomes = await send_all(channel(server), [message(1, "zoë@example.com"), message(2)])
+        assert outcomes == [Outcome.SENT, Outcome.SENT]
+        assert server.received[0].recipients == ("zoë@example.com",)
+        assert "SMTPUTF8" in [option.upper() for option in server.received[0].mail_options]
+
+
+async def test_the_message_arrives_byte_for_byte_whatever_its_lines(smtpd: SmtpServer) -> None:
+    dotted = b"Subject: dots\r\n\r\n.starts with a dot\r\n..two\r\n.\r\nlast line"
+    bare_lf = b"Subject: lf\n\nunix line\nends\r\nmixed\rold mac\n"
+    plain = Outgoing(1, "hello@harborhome.example", "a@example.com", dotted, "<1@x>")
+    unix = Outgoing(2, "hello@harborhome.example", "b@example.com", bare_lf, "<2@x>")
+    assert await send_all(channel(smtpd), [plain, unix]) == [Outcome.SENT, Outcome.SENT]
+    by_rcpt = {r.recipients[0]: r.data for r in smtpd.received}
+    assert by_rcpt["a@example.com"] == dotted + b"\r\n"
+    assert by_rcpt["b@example.com"] == b"Subject: lf\r\n\r\nunix line\r\nends\r\nmixed\r\nold mac\r\n"
+
+
+async def test_an_address_that_needs_quoting_goes_through_aiosmtplibs_parsing(smtpd: SmtpServer) -> None:
+    outcomes = await send_all(channel(smtpd), [message(1, '"john doe"@example.com')])
+    assert outcomes == [Outcome.SENT]
+    assert smtpd.received[0].recipients == ('"john doe"@example.com',)
+
+
+def test_the_wire_form_of_a_message() -> None:
+    assert wire_data(b"a\r\nb\r\n") == b"a\r\nb\r\n.\r\n"
+    assert wire_data(b"a\r\nb") == b"a\r\nb\r\n.\r\n"
+    assert wire_data(b".a\r\n.\r\nb.\r\n") == b"..a\r\n..\r\nb.\r\n.\r\n"
+    assert wire_data(b"a\nb\rc\r\n") == b"a\r\nb\r\nc\r\n.\r\n"
+    assert wire_data(b"") == b"\r\n.\r\n"

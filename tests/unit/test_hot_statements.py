@@ -1,16 +1,19 @@
-"""The hot path's own time stamp conversion writes and reads exactly what SQLAlchemy's does."""
+"""The hot path's own statements: time stamps written and read exactly as SQLAlchemy does,
+and the plans SQLite picks for them."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.dialects import sqlite
 
+from campaignd.database import create_engine, upgrade
 from campaignd.models import UTCDateTime
-from campaignd.store.hot import read_sqlite_stamp, sqlite_stamp
+from campaignd.store.hot import HotStatements, read_sqlite_stamp, sqlite_stamp
 
 _STAMP = UTCDateTime().dialect_impl(sqlite.dialect())
 _BIND = _STAMP.bind_processor(sqlite.dialect())
@@ -42,3 +45,19 @@ def test_none_passes_through_and_naive_time_is_refused() -> None:
     assert read_sqlite_stamp(None) is None
     with pytest.raises(ValueError, match="naive datetime"):
         sqlite_stamp(datetime(2026, 1, 1, 12, 0))
+
+
+def test_marking_looks_touches_up_by_id_not_by_status(tmp_path: Path) -> None:
+    # Without statistics SQLite preferred the (status, lease) index, walking every claimed
+    # touch of the batch for each mark: the hot path's cost grew with the batch.
+    engine = create_engine(f"sqlite:///{tmp_path / 'plan.db'}")
+    upgrade(engine)
+    hot = HotStatements(engine.dialect)
+    sql = hot._text(hot._mark, 4)
+    params = {"sending": "sending", "claimed": "claimed", "worker": "w", "lease_until": "x", "now": "x"}
+    params |= {f"i{n}": n for n in range(4)}
+    with engine.connect() as conn:
+        plan = " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
+    engine.dispose()
+    assert "PRIMARY KEY" in plan
+    assert "ix_touches_status_lease" not in plan
