@@ -933,9 +933,10 @@ def _readable_file(path: Path) -> bool:
 def _cross_checks(settings: Settings, source: str) -> list[Problem]:
     """Rules that tie several settings together."""
     problems = []
-    # A send is at most a connect, TLS, login, MAIL, RCPT and DATA, each bounded by the
-    # timeout. A lease shorter than that would let another daemon declare a message that
-    # is still being sent abandoned.
+    # A send is at most the exchange of the message (bounded by the timeout as a whole)
+    # and, when a pooled connection failed before the data, a connect, TLS and login and
+    # the exchange again: five timeouts. A lease shorter than that would let another
+    # daemon declare a message that is still being sent abandoned.
     slowest_send = settings.smtp.timeout * 6
     if settings.dispatch.lease < slowest_send:
         problems.append(

@@ -121,26 +121,33 @@ async def _hello(client: aiosmtplib.SMTP) -> None:
 
 async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str) -> None:
     if not _PLAIN_ADDRESS.fullmatch(sender):
-        await client.mail(sender, options=options, encoding=encoding)
+        await client.mail(sender, options=options, encoding=encoding, timeout=None)
         return
     extra = [option.encode("ascii") for option in options]
-    response = await client.execute_command(b"MAIL", b"FROM:<" + sender.encode(encoding) + b">", *extra)
+    response = await client.execute_command(
+        b"MAIL", b"FROM:<" + sender.encode(encoding) + b">", *extra, timeout=None
+    )
     if response.code != 250:
         raise SMTPSenderRefused(response.code, response.message, sender)
 
 
 async def _rcpt(client: aiosmtplib.SMTP, recipient: str, encoding: str) -> None:
     if not _PLAIN_ADDRESS.fullmatch(recipient):
-        await client.rcpt(recipient, encoding=encoding)
+        await client.rcpt(recipient, encoding=encoding, timeout=None)
         return
-    response = await client.execute_command(b"RCPT", b"TO:<" + recipient.encode(encoding) + b">")
+    response = await client.execute_command(
+        b"RCPT", b"TO:<" + recipient.encode(encoding) + b">", timeout=None
+    )
     if response.code not in (250, 251):
         raise SMTPRecipientRefused(response.code, response.message, recipient)
 
 
 async def _data(client: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:
-    """DATA, then the message in its wire form; raises as ``SMTP.data`` does."""
-    start = await client.execute_command(b"DATA")
+    """DATA, then the message in its wire form; raises as ``SMTP.data`` does.
+
+    Commands here wait without a timer of their own: the caller bounds the whole exchange.
+    """
+    start = await client.execute_command(b"DATA", timeout=None)
     if start.code != 354:
         raise SMTPDataError(start.code, start.message)
     protocol = client.protocol
@@ -149,7 +156,7 @@ async def _data(client: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:
     try:
         # Nothing runs between the write and the read, so the answer cannot be missed.
         protocol.write(wire_data(message))
-        response = await protocol.read_response(timeout=client.timeout)
+        response = await protocol.read_response(timeout=None)
     except (SMTPServerDisconnected, SMTPTimeoutError):
         client.close()
         raise
@@ -264,9 +271,12 @@ class SmtpChannel:
                     f"{message.recipient} needs SMTPUTF8, which the relay does not offer",
                 ), True
             options, encoding = ["SMTPUTF8"], "utf-8"
+        # One deadline for the whole exchange, rather than a timer per command.
+        deadline = asyncio.get_running_loop().time() + self.settings.timeout.total_seconds()
         try:
-            await _mail(client, sender, options, encoding)
-            await _rcpt(client, recipient, encoding)
+            async with asyncio.timeout_at(deadline):
+                await _mail(client, sender, options, encoding)
+                await _rcpt(client, recipient, encoding)
         except SMTPRecipientRefused as exc:
             outcome = Outcome.PERMANENT if exc.code >= 500 else Outcome.TEMPORARY
             return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
@@ -277,19 +287,26 @@ class SmtpChannel:
         except SMTPResponseException as exc:
             outcome = Outcome.REJECTED if exc.code >= 500 else Outcome.TEMPORARY
             return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
+        except TimeoutError:
+            detail = f"the relay did not answer within {self.settings.timeout.total_seconds():g}s"
+            return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {detail}"), False
         except (SMTPServerDisconnected, SMTPTimeoutError, SMTPConnectError, OSError) as exc:
             # Nothing was handed over before DATA: safe to try again later.
             return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {_describe(exc)}"), False
         except SMTPNotSupported as exc:
             return Delivery(touch, Outcome.REJECTED, _describe(exc)), True
         try:
-            response = await _data(client, message.data)
+            async with asyncio.timeout_at(deadline):
+                response = await _data(client, message.data)
         except SMTPDataError as exc:
             if exc.code >= 500:
                 outcome = Outcome.PERMANENT if _about_the_address(exc.code, exc.message) else Outcome.REJECTED
             else:
                 outcome = Outcome.TEMPORARY
             return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
+        except TimeoutError:
+            detail = f"the relay did not answer within {self.settings.timeout.total_seconds():g}s"
+            return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {detail}"), False
         except (SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
             # The relay may have taken the message before the link failed: never guess.
             return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {_describe(exc)}"), False

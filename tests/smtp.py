@@ -50,6 +50,8 @@ class Faults:
     next_rcpt: deque[str] = field(default_factory=deque)
     next_data: deque[str] = field(default_factory=deque)
     """Answers for the next commands; ``drop`` closes the connection instead of answering."""
+    stall_rcpt: float = 0.0
+    """Seconds to wait before answering each RCPT."""
     stall_data: float = 0.0
     """Seconds to wait before answering the end of DATA (after the message is taken)."""
     drop_after_data: int = 0
@@ -90,6 +92,8 @@ class _Handler:
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         self.server.rcpt_attempts.append(address)
+        if self.server.faults.stall_rcpt:
+            await asyncio.sleep(self.server.faults.stall_rcpt)
         answer = await self._answer(smtp, self.server.faults.next_rcpt) or self.server.faults.rcpt.get(
             address
         )

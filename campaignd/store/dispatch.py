@@ -35,7 +35,6 @@ from campaignd.store.records import (
     Recorded,
     Result,
     TouchRecord,
-    lead_record,
     touch_record,
 )
 
@@ -127,92 +126,40 @@ class DispatchQueries(StoreBase):
         """
         lease_until = now + policy.lease
         with self.engine.begin() as conn:
-            query = (
-                sa.select(leads_t)
-                .where(leads_t.c.status == LeadStatus.ACTIVE.value, leads_t.c.next_due_at <= now)
-                .order_by(leads_t.c.next_due_at, leads_t.c.id)
-                .limit(limit)
-            )
-            if self.is_postgres:
-                query = query.with_for_update(skip_locked=True, of=leads_t)
-            leads = {r.id: lead_record(r) for r in conn.execute(query)}
-            if not leads:
+            due = self._hot.due(conn, now=now, limit=limit)
+            if not due:
                 return ClaimPass([], 0)
-            states = self._states(conn, list(leads))
             wanted: list[tuple[LeadRecord, core.NextTouch]] = []
             reschedule: list[dict[str, Any]] = []
-            for lead_id, lead in leads.items():
-                decision = core.decide(states[lead_id], policy, now=now)
+            for lead, state in due:
+                decision = core.decide(state, policy, now=now)
                 if isinstance(decision, core.Send):
                     wanted.append((lead, decision.touch))
                 elif isinstance(decision, core.Wait):
                     step = decision.touch.step.id if decision.touch else None
-                    reschedule.append({"b_id": lead_id, "next_step": step, "next_due_at": decision.until})
+                    reschedule.append({"b_id": lead.id, "next_step": step, "next_due_at": decision.until})
                 else:
-                    reschedule.append({"b_id": lead_id, "next_step": None, "next_due_at": None})
+                    reschedule.append({"b_id": lead.id, "next_step": None, "next_due_at": None})
+            taken = self._hot.claim(
+                conn,
+                [(lead.id, nt) for lead, nt in wanted],
+                worker=worker,
+                lease_until=lease_until,
+                now=now,
+            )
             claims: list[Claim] = []
-            if wanted:
-                rows = [
-                    {
-                        "lead_id": lead.id,
-                        "tier": nt.tier,
-                        "step": nt.step.id,
-                        "channel": nt.step.channel.value,
-                        "template": nt.step.template,
-                        "status": TouchStatus.CLAIMED.value,
-                        "attempts": 0,
-                        "claimed_by": worker,
-                        "lease_until": lease_until,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                    for lead, nt in wanted
-                ]
-                excluded = sa.table("excluded", sa.column("claimed_by"), sa.column("lease_until"))
-                # Executed with the rows as parameters (not compiled into one VALUES
-                # list per batch): the statement compiles once and stays cached.
-                stmt = (
-                    self._insert(touches_t)
-                    .on_conflict_do_update(
-                        index_elements=["lead_id", "tier", "step"],
-                        set_={
-                            "status": TouchStatus.CLAIMED.value,
-                            "claimed_by": excluded.c.claimed_by,
-                            "lease_until": excluded.c.lease_until,
-                            # A step cancelled while its lead was paused starts afresh.
-                            "attempts": sa.case(
-                                (touches_t.c.status == TouchStatus.CANCELLED.value, 0),
-                                else_=touches_t.c.attempts,
-                            ),
-                            "updated_at": now,
-                        },
-                        # Only work that never left may be taken again: a retry that is due,
-                        # a claim whose daemon let its lease run out, or a step cancelled
-                        # before it left (planned again after the lead was resumed).
-                        where=sa.or_(
-                            touches_t.c.status == TouchStatus.RETRY.value,
-                            touches_t.c.status == TouchStatus.CANCELLED.value,
-                            sa.and_(
-                                touches_t.c.status == TouchStatus.CLAIMED.value,
-                                touches_t.c.lease_until <= now,
-                            ),
-                        ),
-                    )
-                    .returning(touches_t.c.id, touches_t.c.lead_id, touches_t.c.attempts)
-                )
-                got = {r.lead_id: r for r in conn.execute(stmt, rows)}
-                for lead, nt in wanted:
-                    hit = got.get(lead.id)
-                    if hit is None:
-                        # The slot is taken after all (another daemon, a stale plan):
-                        # look again on the next pass rather than guess.
-                        later = now + policy.lease
-                        reschedule.append({"b_id": lead.id, "next_step": None, "next_due_at": later})
-                        continue
-                    claims.append(Claim(hit.id, lead, nt.tier, nt.step.id, hit.attempts))
-                    reschedule.append({"b_id": lead.id, "next_step": nt.step.id, "next_due_at": lease_until})
+            for lead, nt in wanted:
+                hit = taken.get(lead.id)
+                if hit is None:
+                    # The slot is taken after all (another daemon, a stale plan): look
+                    # again on the next pass rather than guess.
+                    reschedule.append({"b_id": lead.id, "next_step": None, "next_due_at": lease_until})
+                    continue
+                touch_id, attempts = hit
+                claims.append(Claim(touch_id, lead, nt.tier, nt.step.id, attempts))
+                reschedule.append({"b_id": lead.id, "next_step": nt.step.id, "next_due_at": lease_until})
             self._hot.update(conn, leads_t, reschedule)
-        return ClaimPass(claims, len(leads) - len(claims))
+        return ClaimPass(claims, len(due) - len(claims))
 
     def mark_sending(
         self, touch_ids: Sequence[int], *, worker: str, now: datetime, lease: timedelta

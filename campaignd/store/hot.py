@@ -11,6 +11,7 @@ so what is stored is exactly what the rest of the store writes and reads.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -21,7 +22,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 
 from campaignd import sequences as core
-from campaignd.models import TouchStatus, UTCDateTime
+from campaignd.models import LeadStatus, TouchStatus, UTCDateTime
+from campaignd.store.records import LeadRecord
+
+_CHUNK = 512
+"""Most ids (or addresses) in one ``IN`` list when reading many."""
 
 TIMESTAMPS = frozenset(
     {
@@ -85,6 +90,60 @@ RETURNING id
 touch than look up the few ids: ``+status`` keeps that index out of the choice."""
 
 
+_LEAD_COLUMNS = LeadRecord.__slots__
+_LEAD_STAMPS = tuple(i for i, name in enumerate(_LEAD_COLUMNS) if name in TIMESTAMPS | {"converted_at"})
+_LEAD_CUSTOM = _LEAD_COLUMNS.index("custom")
+
+# The column names are the read model's own fields; every value is a parameter.
+_DUE = f"""
+SELECT {", ".join(_LEAD_COLUMNS)}
+FROM leads
+WHERE status = :active AND next_due_at <= :now
+ORDER BY next_due_at, id
+LIMIT :limit
+"""  # noqa: S608
+
+_LEAD_TOUCHES = """
+SELECT lead_id, tier, step, status, created_at, sent_at, lease_until, next_attempt_at
+FROM touches
+WHERE lead_id {ids} AND step IS NOT NULL
+ORDER BY id
+"""
+
+_SUPPRESSED = "SELECT email FROM suppressions WHERE email {ids}"
+
+_CLAIM = """
+INSERT INTO touches (lead_id, tier, step, channel, template, status, attempts, claimed_by,
+                     lease_until, created_at, updated_at)
+VALUES (:lead_id, :tier, :step, :channel, :template, :claimed, 0, :worker, :lease_until, :now, :now)
+ON CONFLICT (lead_id, tier, step) DO UPDATE SET
+    status = excluded.status,
+    claimed_by = excluded.claimed_by,
+    lease_until = excluded.lease_until,
+    attempts = CASE WHEN touches.status = :cancelled THEN 0 ELSE touches.attempts END,
+    updated_at = excluded.updated_at
+WHERE touches.status = :retry
+   OR touches.status = :cancelled
+   OR (touches.status = :claimed AND touches.lease_until <= :now)
+"""
+"""Only work that never left may be taken again: a retry that is due, a claim whose
+daemon let its lease run out, or a step cancelled before it left (planned again after
+its lead was resumed; it starts afresh)."""
+
+_CLAIMED = """
+SELECT id, lead_id, attempts
+FROM touches
+WHERE lead_id {ids} AND status = :claimed AND claimed_by = :worker AND lease_until = :lease_until
+"""
+
+
+class Due(NamedTuple):
+    """A due lead, as claiming reads it."""
+
+    lead: LeadRecord
+    state: core.LeadState
+
+
 class HotStatements:
     """The record-and-mark transaction's statements for one database dialect."""
 
@@ -125,9 +184,30 @@ class HotStatements:
         return sql
 
     @staticmethod
-    def _ids(ids: Sequence[int], params: dict[str, Any]) -> dict[str, Any]:
+    def _ids(ids: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
         params.update({f"i{n}": value for n, value in enumerate(ids)})
         return params
+
+    def _many(
+        self, conn: Connection, template: str, values: Sequence[Any], params: dict[str, Any] | None = None
+    ) -> list[Any]:
+        """The rows of ``template`` for every value, asked for in chunks.
+
+        Each chunk is padded (with its last value again) to a power of two, so a handful
+        of statement texts serve every batch size.
+        """
+        cur = _cursor(conn)
+        rows: list[Any] = []
+        try:
+            for start in range(0, len(values), _CHUNK):
+                chunk = list(values[start : start + _CHUNK])
+                size = 1 << (len(chunk) - 1).bit_length()
+                chunk += [chunk[-1]] * (size - len(chunk))
+                cur.execute(self._text(template, size), self._ids(chunk, dict(params or {})))
+                rows += cur.fetchall()
+        finally:
+            cur.close()
+        return rows
 
     def _update_text(self, table: sa.Table, keys: tuple[str, ...]) -> str:
         sql = self._updates.get((table.name, keys))
@@ -148,6 +228,106 @@ class HotStatements:
         if not (self.postgres and enabled):
             return nullcontext()
         return conn.connection.dbapi_connection.pipeline()  # type: ignore[union-attr,no-any-return]
+
+    # -- claiming --------------------------------------------------------------------------------
+
+    def due(self, conn: Connection, *, now: datetime, limit: int) -> list[Due]:
+        """The leads due at ``now``, earliest first, with their state for the core.
+
+        Locked for the transaction on PostgreSQL, skipping those another daemon holds.
+        """
+        read = self._read
+        sql = self._styled(_DUE) + (" FOR UPDATE SKIP LOCKED" if self.postgres else "")
+        cur = _cursor(conn)
+        try:
+            cur.execute(sql, {"active": LeadStatus.ACTIVE.value, "now": self._bind(now), "limit": limit})
+            rows = [list(row) for row in cur.fetchall()]
+        finally:
+            cur.close()
+        if not rows:
+            return []
+        for row in rows:
+            for i in _LEAD_STAMPS:
+                if row[i] is not None:
+                    row[i] = read(row[i])
+            if isinstance(row[_LEAD_CUSTOM], str):
+                row[_LEAD_CUSTOM] = json.loads(row[_LEAD_CUSTOM])
+        leads = [LeadRecord(*row) for row in rows]
+        views: dict[int, list[core.TouchView]] = {}
+        for lead_id, tier, step, status, created, sent, lease, retry in self._many(
+            conn, _LEAD_TOUCHES, [lead.id for lead in leads]
+        ):
+            views.setdefault(lead_id, []).append(
+                core.TouchView(
+                    tier,
+                    step,
+                    status,
+                    read(sent) if sent is not None else read(created),
+                    read(lease),
+                    read(retry),
+                )
+            )
+        suppressed = {row[0] for row in self._many(conn, _SUPPRESSED, [lead.email for lead in leads])}
+        return [
+            Due(
+                lead,
+                core.LeadState(
+                    tier=lead.tier,
+                    status=lead.status,
+                    touch_count=lead.touch_count,
+                    tier_since=lead.tier_since,
+                    last_touch_at=lead.last_touch_at,
+                    timezone=lead.timezone,
+                    suppressed=lead.email in suppressed,
+                    touches=tuple(views.get(lead.id, ())),
+                ),
+            )
+            for lead in leads
+        ]
+
+    def claim(
+        self,
+        conn: Connection,
+        wanted: Sequence[tuple[int, core.NextTouch]],
+        *,
+        worker: str,
+        lease_until: datetime,
+        now: datetime,
+    ) -> dict[int, tuple[int, int]]:
+        """Create or take over the touches of ``wanted`` (lead id, step) for ``worker``.
+
+        :returns: lead id -> (touch id, attempts so far) for every touch now claimed; a
+            lead missing from it had its slot taken (by another daemon, or already sent).
+        """
+        if not wanted:
+            return {}
+        fixed = {
+            "claimed": TouchStatus.CLAIMED.value,
+            "cancelled": TouchStatus.CANCELLED.value,
+            "retry": TouchStatus.RETRY.value,
+            "worker": worker,
+            "lease_until": self._bind(lease_until),
+            "now": self._bind(now),
+        }
+        params = [
+            {
+                "lead_id": lead_id,
+                "tier": nt.tier,
+                "step": nt.step.id,
+                "channel": nt.step.channel.value,
+                "template": nt.step.template,
+                **fixed,
+            }
+            for lead_id, nt in wanted
+        ]
+        cur = _cursor(conn)
+        try:
+            cur.executemany(self._styled(_CLAIM), params)
+        finally:
+            cur.close()
+        fixed = {key: fixed[key] for key in ("claimed", "worker", "lease_until")}
+        rows = self._many(conn, _CLAIMED, [lead_id for lead_id, _ in wanted], fixed)
+        return {lead_id: (touch_id, attempts) for touch_id, lead_id, attempts in rows}
 
     # -- the transaction's steps ---------------------------------------------------------------
 

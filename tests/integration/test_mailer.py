@@ -118,6 +118,26 @@ async def test_a_relay_that_stalls_past_the_timeout_leaves_the_message_unknown(s
     assert outcome == Outcome.UNKNOWN
 
 
+async def test_a_relay_that_stalls_before_the_data_leaves_the_message_to_retry(smtpd: SmtpServer) -> None:
+    smtpd.faults.stall_rcpt = 3
+    started = time.monotonic()
+    ch = channel(smtpd, timeout="1s")
+    delivery = await ch.send(message(1))
+    await ch.close()
+    assert delivery.outcome == Outcome.TEMPORARY
+    assert "did not answer within 1s" in delivery.detail
+    assert time.monotonic() - started < 2.5
+    assert smtpd.received == []
+
+
+async def test_the_timeout_bounds_the_whole_exchange_not_each_command(smtpd: SmtpServer) -> None:
+    # Each answer comes within the timeout, but all of them together do not.
+    smtpd.faults.stall_rcpt = 0.7
+    smtpd.faults.stall_data = 0.7
+    [outcome] = await send_all(channel(smtpd, timeout="1s"), [message(1)])
+    assert outcome == Outcome.UNKNOWN
+
+
 async def test_a_relay_that_is_down_is_unavailable(smtpd: SmtpServer) -> None:
     port = smtpd.port
     smtpd.stop()
