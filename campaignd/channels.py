@@ -27,6 +27,8 @@ class Outgoing:
     :param filename_hint: a readable name for channels that write files.
     :param lead: the lead as templates see it (contact fields, postal address), for
         channels that need more than an address, such as direct mail.
+    :param crlf: every line of ``data`` already ends in CRLF (as ``build_email`` makes
+        them), so a channel need not check.
     """
 
     touch_id: int
@@ -37,6 +39,7 @@ class Outgoing:
     kind: str = "email"
     filename_hint: str = ""
     lead: Mapping[str, Any] = field(default_factory=dict)
+    crlf: bool = False
 
 
 class Outcome(StrEnum):

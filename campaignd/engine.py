@@ -521,6 +521,7 @@ class Dispatcher:
             data,
             msg_id,
             filename_hint=_step_slug(claim.tier, step.id),
+            crlf=True,
         )
 
     def _advance(self, items: list[_Step]) -> list[_Advanced]:

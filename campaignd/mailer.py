@@ -89,16 +89,17 @@ def envelope_address(address: str) -> tuple[str, bool]:
     return f"{local}@{domain}", not local.isascii()
 
 
-def wire_data(message: bytes) -> bytes:
+def wire_data(message: bytes, *, crlf: bool = False) -> bytes:
     """``message`` as DATA carries it (RFC 5321, 4.5.2): CRLF line ends, a dot at the start
     of a line doubled, and the closing line of a single dot.
 
-    Line ends are counted rather than rewritten: a message that has CRLF everywhere (as
-    ``build_email`` makes them) goes as it is.
+    Line ends are counted rather than rewritten, and not even counted when ``crlf`` says
+    they are all CRLF already (as ``build_email`` makes them).
     """
-    lines = message.count(b"\n")
-    if message.count(b"\r\n") != lines or message.count(b"\r") != lines:
-        message = _LINE_END.sub(b"\r\n", message)
+    if not crlf:
+        lines = message.count(b"\n")
+        if message.count(b"\r\n") != lines or message.count(b"\r") != lines:
+            message = _LINE_END.sub(b"\r\n", message)
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     if message.startswith(b".") or b"\n." in message:
@@ -142,7 +143,7 @@ async def _rcpt(client: aiosmtplib.SMTP, recipient: str, encoding: str) -> None:
         raise SMTPRecipientRefused(response.code, response.message, recipient)
 
 
-async def _data(client: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:
+async def _data(client: aiosmtplib.SMTP, message: bytes, *, crlf: bool) -> SMTPResponse:
     """DATA, then the message in its wire form; raises as ``SMTP.data`` does.
 
     Commands here wait without a timer of their own: the caller bounds the whole exchange.
@@ -155,7 +156,7 @@ async def _data(client: aiosmtplib.SMTP, message: bytes) -> SMTPResponse:
         raise SMTPServerDisconnected("Connection lost")
     try:
         # Nothing runs between the write and the read, so the answer cannot be missed.
-        protocol.write(wire_data(message))
+        protocol.write(wire_data(message, crlf=crlf))
         response = await protocol.read_response(timeout=None)
     except (SMTPServerDisconnected, SMTPTimeoutError):
         client.close()
@@ -297,7 +298,7 @@ class SmtpChannel:
             return Delivery(touch, Outcome.REJECTED, _describe(exc)), True
         try:
             async with asyncio.timeout_at(deadline):
-                response = await _data(client, message.data)
+                response = await _data(client, message.data, crlf=message.crlf)
         except SMTPDataError as exc:
             if exc.code >= 500:
                 outcome = Outcome.PERMANENT if _about_the_address(exc.code, exc.message) else Outcome.REJECTED

@@ -392,13 +392,19 @@ class HotStatements:
         if not groups:
             return
         bind = self._bind
+        # Most stamps of a transaction are one and the same "now": convert each once.
+        stored: dict[Any, Any] = {None: None}
         cur = _cursor(conn)
         try:
             for keys, params in groups.items():
                 stamps = [key for key in keys if key in TIMESTAMPS]
                 for row in params:
                     for key in stamps:
-                        row[key] = bind(row[key])
+                        value = row[key]
+                        converted = stored.get(value, _MISSING)
+                        if converted is _MISSING:
+                            converted = stored[value] = bind(value)
+                        row[key] = converted
                 cur.executemany(self._update_text(table, keys), params)
         finally:
             cur.close()
@@ -454,6 +460,9 @@ def read_sqlite_stamp(value: str | None) -> datetime | None:
 
 def _cursor(conn: Connection) -> Any:
     return conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+
+
+_MISSING = object()
 
 
 def _same(value: Any) -> Any:

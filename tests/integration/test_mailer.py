@@ -215,3 +215,5 @@ def test_the_wire_form_of_a_message() -> None:
     assert wire_data(b".a\r\n.\r\nb.\r\n") == b"..a\r\n..\r\nb.\r\n.\r\n"
     assert wire_data(b"a\nb\rc\r\n") == b"a\r\nb\r\nc\r\n.\r\n"
     assert wire_data(b"") == b"\r\n.\r\n"
+    # Told the lines are CRLF already, it does not look: only dots and the end are done.
+    assert wire_data(b".a\r\nb", crlf=True) == b"..a\r\nb\r\n.\r\n"

@@ -96,7 +96,9 @@ def example_messages(tmp_path: Path, who: dict[str, Any]) -> list[tuple[str, Ren
 def assert_wellformed(data: bytes) -> None:
     assert data.isascii() or b"@" in data  # only a non-ASCII local part may be UTF-8
     head = data.partition(b"\r\n\r\n")[0]
+    # Every line ends in CRLF: the dispatcher tells the SMTP channel so (``Outgoing.crlf``).
     assert b"\n" not in data.replace(b"\r\n", b"")
+    assert b"\r" not in data.replace(b"\r\n", b"")
     for line in data.split(b"\r\n"):
         assert len(line) <= 998
     for line in head.split(b"\r\n"):
