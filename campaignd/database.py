@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -78,8 +79,13 @@ def create_engine(url: str, *, busy_timeout_s: float = 10.0, pool_size: int = 5)
             # Writers take the write lock up front, so they queue on the busy timeout
             # instead of failing on a lock upgrade; readers (``READ_ONLY``) take none and
             # never wait behind a writer.
-            read_only = conn.get_execution_options().get(READ_ONLY, False)
-            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+            statement = "BEGIN" if conn.get_execution_options().get(READ_ONLY, False) else "BEGIN IMMEDIATE"
+            # On the driver's connection (this runs for every transaction), with its errors
+            # (a locked database) raised as SQLAlchemy raises every other statement's.
+            try:
+                conn.connection.dbapi_connection.execute(statement)  # type: ignore[union-attr]
+            except sqlite3.Error as exc:
+                raise sa.exc.DBAPIError.instance(statement, None, exc, sqlite3.Error) from exc
 
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":

@@ -334,9 +334,8 @@ class DispatchQueries(StoreBase):
                 continue
             state = states[t.lead_id]
             # The lead as the core sees it without this touch, which is being settled.
-            base = replace(
-                state,
-                touches=tuple(v for v in state.touches if not (v.tier == t.tier and v.step == t.step)),
+            base = state.with_touches(
+                tuple(v for v in state.touches if not (v.tier == t.tier and v.step == t.step))
             )
             email = emails[t.lead_id]
             upd: dict[str, Any] = {

@@ -8,6 +8,7 @@ a marketer would read them, and in UTC where the instant is the point (DST chang
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -1036,3 +1037,20 @@ steps = [{ template = "cold/01-intro", delay = "1h" }]
     assert [s.id for s in pol.sequence("cold").steps] == ["01-intro"]
     assert pol.sequence("warm").steps == ()
     assert pol.sequence("no-such-tier").steps == ()
+
+
+def test_a_lead_with_other_touches_keeps_every_other_field() -> None:
+    # Every field set away from its default, so a field the copy forgot would show.
+    lead = LeadState(
+        tier="warm",
+        status="paused",
+        touch_count=3,
+        tier_since=datetime(2026, 1, 5, tzinfo=UTC),
+        last_touch_at=datetime(2026, 2, 5, tzinfo=UTC),
+        timezone="Europe/London",
+        suppressed=True,
+        touches=(TouchView("cold", "a", "sent", datetime(2026, 1, 1, tzinfo=UTC)),),
+    )
+    assert len(fields(LeadState)) == 8, "a new field: give it a value here and copy it in with_touches"
+    touches = (TouchView("warm", "b", "retry", datetime(2026, 2, 1, tzinfo=UTC)),)
+    assert lead.with_touches(touches) == replace(lead, touches=touches)
