@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from dataclasses import dataclass
+from typing import cast
 
 import aiosmtplib
 import idna
@@ -45,10 +47,12 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.email import quote_address
 from aiosmtplib.response import SMTPResponse
 
 from campaignd.channels import Delivery, Outcome, Outgoing
 from campaignd.config import Smtp, TlsMode
+from campaignd.pipelining import Pipelined
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})")
 _PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
 """An address that goes on the command line as it is: nothing to unquote, nothing that
 could smuggle a parameter in (anything else goes through aiosmtplib's own parsing)."""
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -193,7 +198,7 @@ class SmtpChannel:
     def __init__(self, *, settings: Smtp) -> None:
         self.settings = settings
         self.concurrency = settings.connections
-        self._idle: list[aiosmtplib.SMTP] = []
+        self._idle: list[_Link] = []
         self._pacer = Pacer(settings.rate)
 
     def describe(self) -> str:
@@ -231,24 +236,25 @@ class SmtpChannel:
     async def send(self, message: Outgoing) -> Delivery:
         await self._pacer.wait()
         reused = bool(self._idle)
-        client = self._idle.pop() if reused else self._client()
-        delivery, keep = await self._transaction(client, message)
+        link = self._idle.pop() if reused else _Link(self._client())
+        delivery, keep = await self._transaction(link, message)
         if delivery.outcome in (Outcome.TEMPORARY, Outcome.UNAVAILABLE) and reused and not keep:
             # A pooled connection may have been dropped by the relay while it sat idle;
             # the message never left, so try once more on a fresh connection.
-            client.close()
-            client = self._client()
-            delivery, keep = await self._transaction(client, message)
-        if keep and client.is_connected:
-            self._idle.append(client)
+            link.close()
+            link = _Link(self._client())
+            delivery, keep = await self._transaction(link, message)
+        if keep and link.connected:
+            self._idle.append(link)
         else:
-            client.close()
+            link.close()
         return delivery
 
-    async def _transaction(self, client: aiosmtplib.SMTP, message: Outgoing) -> tuple[Delivery, bool]:
+    async def _transaction(self, link: _Link, message: Outgoing) -> tuple[Delivery, bool]:
         """One MAIL/RCPT/DATA exchange; returns the delivery and whether the link is reusable."""
         touch = message.touch_id
-        if not client.is_connected:
+        client = link.client
+        if not link.connected:
             try:
                 await client.connect()
                 await _hello(client)
@@ -274,6 +280,10 @@ class SmtpChannel:
             options, encoding = ["SMTPUTF8"], "utf-8"
         # One deadline for the whole exchange, rather than a timer per command.
         deadline = asyncio.get_running_loop().time() + self.settings.timeout.total_seconds()
+        if link.pipe is None and client.supports_extension("pipelining") and client.transport is not None:
+            link.pipe = Pipelined(cast(asyncio.Transport, client.transport))
+        if link.pipe is not None:
+            return await self._pipelined(link.pipe, message, sender, recipient, options, encoding, deadline)
         try:
             async with asyncio.timeout_at(deadline):
                 await _mail(client, sender, options, encoding)
@@ -315,6 +325,71 @@ class SmtpChannel:
             touch, Outcome.SENT, f"{response.code} {response.message}".strip(), response.code
         ), True
 
+    async def _pipelined(
+        self,
+        pipe: Pipelined,
+        message: Outgoing,
+        sender: str,
+        recipient: str,
+        options: list[str],
+        encoding: str,
+        deadline: float,
+    ) -> tuple[Delivery, bool]:
+        """The exchange with a relay that offers PIPELINING: MAIL, RCPT and DATA in one
+        write, their three replies, then the data and its reply."""
+        touch = message.touch_id
+        try:
+            envelope = (
+                b"MAIL FROM:"
+                + _command_path(sender, encoding)
+                + b"".join(b" " + option.encode("ascii") for option in options)
+                + b"\r\nRCPT TO:"
+                + _command_path(recipient, encoding)
+                + b"\r\nDATA\r\n"
+            )
+        except ValueError as exc:
+            return Delivery(touch, Outcome.REJECTED, str(exc)), True
+        timeout = self.settings.timeout.total_seconds()
+        try:
+            async with asyncio.timeout_at(deadline):
+                pipe.write(envelope)
+                mail, rcpt, data = await pipe.reply(), await pipe.reply(), await pipe.reply()
+        except TimeoutError:
+            detail = f"the relay did not answer within {timeout:g}s"
+            return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {detail}"), False
+        except (SMTPException, OSError) as exc:
+            # Nothing was handed over before DATA: safe to try again later.
+            return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {_describe(exc)}"), False
+        refusal: Delivery | None = None
+        if mail.code != 250:
+            outcome = Outcome.REJECTED if mail.code >= 500 else Outcome.TEMPORARY
+            detail = f"the relay refused the sender {message.sender}: {_reply(mail)}"
+            refusal = Delivery(touch, outcome, detail, mail.code)
+        elif rcpt.code not in (250, 251):
+            outcome = Outcome.PERMANENT if rcpt.code >= 500 else Outcome.TEMPORARY
+            refusal = Delivery(touch, outcome, _reply(rcpt), rcpt.code)
+        elif data.code != 354:
+            refusal = Delivery(touch, _data_outcome(data), _reply(data), data.code)
+        if refusal is not None:
+            if data.code == 354:
+                # The relay waits for data it must not get: this connection is done.
+                return refusal, False
+            return refusal, await self._reset_pipe(pipe, refusal.code or 0)
+        try:
+            async with asyncio.timeout_at(deadline):
+                pipe.write(wire_data(message.data, crlf=message.crlf))
+                done = await pipe.reply()
+        except TimeoutError:
+            detail = f"the relay did not answer within {timeout:g}s"
+            return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {detail}"), False
+        except (SMTPException, OSError) as exc:
+            # The relay may have taken the message before the link failed: never guess.
+            return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {_describe(exc)}"), False
+        if done.code != 250:
+            refused = Delivery(touch, _data_outcome(done), _reply(done), done.code)
+            return refused, await self._reset_pipe(pipe, done.code)
+        return Delivery(touch, Outcome.SENT, _reply(done), done.code), True
+
     async def _reset(self, client: aiosmtplib.SMTP, code: int) -> bool:
         """Make the connection ready for the next message after a refusal; False if it is not."""
         if code == 421 or not client.is_connected:
@@ -325,12 +400,65 @@ class SmtpChannel:
             return False
         return True
 
+    async def _reset_pipe(self, pipe: Pipelined, code: int) -> bool:
+        if code == 421 or not pipe.usable:
+            return False
+        try:
+            reply = await asyncio.wait_for(pipe.command(b"RSET"), self.settings.timeout.total_seconds())
+        except (SMTPException, OSError, TimeoutError):
+            return False
+        return reply.code == 250
+
     async def close(self) -> None:
         idle, self._idle = self._idle, []
-        for client in idle:
+        for link in idle:
             try:
-                await asyncio.wait_for(client.quit(), 2)
+                if link.pipe is not None:
+                    await asyncio.wait_for(link.pipe.command(b"QUIT"), 2)
+                else:
+                    await asyncio.wait_for(link.client.quit(), 2)
             except (SMTPException, OSError, TimeoutError):
                 pass
             finally:
-                client.close()
+                link.close()
+
+
+@dataclass(slots=True)
+class _Link:
+    """One connection to the relay: made and greeted by aiosmtplib, and taken over by
+    :class:`Pipelined` when the relay offers PIPELINING."""
+
+    client: aiosmtplib.SMTP
+    pipe: Pipelined | None = None
+
+    @property
+    def connected(self) -> bool:
+        if self.pipe is not None:
+            return self.pipe.usable
+        return self.client.is_connected
+
+    def close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.close()
+        self.client.close()
+
+
+def _command_path(address: str, encoding: str) -> bytes:
+    """``<address>`` for MAIL FROM or RCPT TO; raises ValueError for one that cannot go
+    on a command line."""
+    path = f"<{address}>" if _PLAIN_ADDRESS.fullmatch(address) else quote_address(address)
+    data = path.encode(encoding)
+    if _CONTROL.search(data):
+        raise ValueError(f"{address!r} contains characters not allowed on an SMTP command line")
+    return data
+
+
+def _data_outcome(reply: SMTPResponse) -> Outcome:
+    """A refusal of DATA or of the data: about the mailbox, or the message, or for now."""
+    if reply.code >= 500:
+        return Outcome.PERMANENT if _about_the_address(reply.code, reply.message) else Outcome.REJECTED
+    return Outcome.TEMPORARY
+
+
+def _reply(reply: SMTPResponse) -> str:
+    return f"{reply.code} {reply.message}".strip()

@@ -76,6 +76,8 @@ class _Handler:
     ) -> list[str]:
         self.server.connections += 1
         session.host_name = hostname
+        if self.server.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(
@@ -128,9 +130,11 @@ class SmtpServer:
     same port.
     """
 
-    def __init__(self, *, smtputf8: bool = False) -> None:
+    def __init__(self, *, smtputf8: bool = False, pipelining: bool = True) -> None:
         self.smtputf8 = smtputf8
         """Offer the SMTPUTF8 extension."""
+        self.pipelining = pipelining
+        """Offer PIPELINING (as most relays do): campaignd then sends MAIL, RCPT and DATA at once."""
         self.received: list[Received] = []
         self.rcpt_attempts: list[str] = []
         self.connections = 0

@@ -8,16 +8,19 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from aiosmtplib import SMTPResponseException
 
 from campaignd.channels import Outcome, Outgoing
 from campaignd.config import Smtp
 from campaignd.mailer import SmtpChannel, envelope_address, wire_data
+from campaignd.pipelining import Pipelined
 from tests.smtp import SmtpServer
 
 
-@pytest.fixture
-def smtpd() -> Iterator[SmtpServer]:
-    with SmtpServer() as server:
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-command-at-a-time"])
+def smtpd(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """The relay, once offering PIPELINING (MAIL, RCPT and DATA go together) and once not."""
+    with SmtpServer(pipelining=request.param) as server:
         yield server
 
 
@@ -217,3 +220,69 @@ def test_the_wire_form_of_a_message() -> None:
     assert wire_data(b"") == b"\r\n.\r\n"
     # Told the lines are CRLF already, it does not look: only dots and the end are done.
     assert wire_data(b".a\r\nb", crlf=True) == b"..a\r\nb\r\n.\r\n"
+
+
+async def test_with_pipelining_the_envelope_and_data_command_go_in_one_write() -> None:
+    # A relay that answers nothing until it has MAIL, RCPT and DATA together: a client
+    # that waited for each answer would wait for ever (and time out).
+    batches: list[bytes] = []
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 strict.test ESMTP\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-strict.test\r\n250 PIPELINING\r\n")
+        pending = b""
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            pending += chunk
+            if pending.startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+                break
+            if pending.startswith(b"MAIL") and pending.endswith(b"DATA\r\n"):
+                batches.append(pending)
+                pending = b""
+                writer.write(b"250 sender ok\r\n250 recipient ok\r\n354 go ahead\r\n")
+            elif pending.endswith(b"\r\n.\r\n"):
+                pending = b""
+                writer.write(b"250 2.0.0 queued\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        ch = SmtpChannel(
+            settings=Smtp.model_validate({"host": "127.0.0.1", "port": port, "tls": "none", "timeout": "2s"})
+        )
+        outcomes = await send_all(ch, [message(n) for n in range(3)])
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes == [Outcome.SENT] * 3
+    assert [batch.count(b"\r\n") for batch in batches] == [3, 3, 3]
+    assert batches[0] == b"MAIL FROM:<hello@harborhome.example>\r\nRCPT TO:<lead0@example.com>\r\nDATA\r\n"
+
+
+async def test_a_reply_split_across_reads_or_joined_in_one_is_read_in_order() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    pipe = Pipelined(transport)  # type: ignore[arg-type]
+    try:
+        pipe.data_received(b"250-first line\r\n25")
+        pipe.data_received(b"0 second line\r\n354 go\r\n221")
+        assert await pipe.reply() == (250, "first line\nsecond line")
+        assert await pipe.reply() == (354, "go")
+        pipe.data_received(b" bye\r\n")
+        assert await pipe.reply() == (221, "bye")
+        pipe.data_received(b"not a reply\r\n")
+        with pytest.raises(SMTPResponseException, match="malformed"):
+            await pipe.reply()
+        assert not pipe.usable
+    finally:
+        pipe.close()
+        server.close()
+        await server.wait_closed()

@@ -37,9 +37,10 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def smtpd() -> Iterator[SmtpServer]:
-    with SmtpServer() as server:
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-command-at-a-time"])
+def smtpd(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """The relay, once offering PIPELINING (MAIL, RCPT and DATA go together) and once not."""
+    with SmtpServer(pipelining=request.param) as server:
         yield server
 
 
