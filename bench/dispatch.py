@@ -5,11 +5,17 @@ end to end — claim, render the shipped template with the real template machine
 as sending, send over the real SMTP channel, record the touch — to ``smtp-sink`` on
 loopback. In the same run the ceiling is measured: the same number of pre-built
 messages sent by bare aiosmtplib clients over the same number of connections to the
-same sink. Each measurement runs in a process of its own, so its peak memory is its own.
+same sink. Each measurement runs in a process of its own, so its peak memory is its own,
+and each is taken ``--rounds`` times, in turn with the others: the table shows medians
+(and the range of the rates), since one run on a busy machine can be off by a tenth.
+
+The sink offers PIPELINING, as most relays do, so campaignd sends MAIL, RCPT and DATA
+together; aiosmtplib always waits for each answer. ``--one-command-at-a-time`` adds a
+run against a second sink that does not offer it.
 
     python bench/dispatch.py                       # 20,000 messages, SQLite and PostgreSQL
     python bench/dispatch.py --sizes 20000 200000  # both sizes
-    python bench/dispatch.py --db sqlite --connections 4
+    python bench/dispatch.py --db sqlite --connections 4 --rounds 5 --one-command-at-a-time
 
 Needs ``smtp-sink`` (Debian package ``postfix``; only that binary is used, the Postfix
 service is never started) and, for PostgreSQL, the server in ``CAMPAIGND_TEST_PG_URL``
@@ -25,6 +31,7 @@ import os
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -257,6 +264,17 @@ def measure(kind: str, port: int, messages: int, connections: int) -> dict[str, 
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def start_sink(*options: str) -> tuple[subprocess.Popen[bytes], int]:
+    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    if not Path(sink).exists():
+        raise SystemExit("smtp-sink not found: apt-get install postfix (only the binary is used)")
+    port = free_port()
+    user = ["-u", "postfix"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen([sink, *user, *options, f"127.0.0.1:{port}", "1024"])
+    time.sleep(0.5)
+    return proc, port
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -264,6 +282,15 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000])
     parser.add_argument("--db", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="runs of each measurement, taken in turn; medians are shown"
+    )
+    parser.add_argument(
+        "--one-command-at-a-time",
+        action="store_true",
+        help="also send through a sink that does not offer PIPELINING (campaignd then waits for "
+        "each command's answer, as bare aiosmtplib always does)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--messages", type=int, help=argparse.SUPPRESS)
@@ -271,32 +298,44 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    if not Path(sink).exists():
-        raise SystemExit("smtp-sink not found: apt-get install postfix (only the binary is used)")
-    port = free_port()
-    user = ["-u", "postfix"] if os.geteuid() == 0 else []
-    proc = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "1024"])
+    sink, port = start_sink()
+    sinks = [sink]
     try:
-        time.sleep(0.5)
+        plain_port = 0
+        if args.one_command_at_a_time:
+            plain, plain_port = start_sink("-p")  # -p: PIPELINING is not offered
+            sinks.append(plain)
         dbs = ["sqlite", "postgres"] if args.db == "both" else [args.db]
-        print(f"{args.connections} connections to smtp-sink on 127.0.0.1:{port}; {os.cpu_count()} CPUs")
-        print(f"{'run':<22}{'messages':>10}{'seconds':>9}{'msg/s':>9}{'ratio':>7}{'peak MB':>9}")
+        runs: list[tuple[str, str, int]] = [("bare aiosmtplib", "bare", port)]
+        for db in dbs:
+            runs.append((f"campaignd {db}", db, port))
+            if plain_port:
+                runs.append((f"campaignd {db}, no PIPELINING", db, plain_port))
+        print(
+            f"{args.connections} connections to smtp-sink on 127.0.0.1; {os.cpu_count()} CPUs; "
+            f"median of {args.rounds} rounds"
+        )
+        print(f"{'run':<32}{'messages':>10}{'seconds':>9}{'msg/s':>9}{'ratio':>7}{'peak MB':>9}  range msg/s")
         for size in args.sizes:
-            ceiling = measure("bare", port, size, args.connections)
-            print(
-                f"{'bare aiosmtplib':<22}{size:>10}{ceiling['seconds']:>9.1f}{ceiling['rate']:>9.0f}"
-                f"{'':>7}{ceiling['peak_mb']:>9.0f}"
-            )
-            for db in dbs:
-                result = measure(db, port, size, args.connections)
+            results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in runs}
+            for _ in range(args.rounds):
+                for label, kind, at in runs:
+                    results[label].append(measure(kind, at, size, args.connections))
+            ceiling = statistics.median(r["rate"] for r in results["bare aiosmtplib"])
+            for label, _, _ in runs:
+                rates = [r["rate"] for r in results[label]]
+                rate = statistics.median(rates)
+                seconds = statistics.median(r["seconds"] for r in results[label])
+                peak = max(r["peak_mb"] for r in results[label])
+                ratio = "" if label == "bare aiosmtplib" else f"{rate / ceiling:.2f}"
                 print(
-                    f"{'campaignd ' + db:<22}{size:>10}{result['seconds']:>9.1f}{result['rate']:>9.0f}"
-                    f"{result['rate'] / ceiling['rate']:>7.2f}{result['peak_mb']:>9.0f}"
+                    f"{label:<32}{size:>10}{seconds:>9.1f}{rate:>9.0f}{ratio:>7}{peak:>9.0f}"
+                    f"  {min(rates):.0f}-{max(rates):.0f}"
                 )
     finally:
-        proc.terminate()
-        proc.wait()
+        for proc in sinks:
+            proc.terminate()
+            proc.wait()
 
 
 if __name__ == "__main__":
