@@ -229,6 +229,15 @@ class HotStatements:
             return nullcontext()
         return conn.connection.dbapi_connection.pipeline()  # type: ignore[union-attr,no-any-return]
 
+    def _view(
+        self, tier: str, step: str, status: str, created: Any, sent: Any, lease: Any, retry: Any
+    ) -> core.TouchView:
+        """A touch as the core sees it, from its stored columns."""
+        read = self._read
+        return core.TouchView(
+            tier, step, status, read(sent) if sent is not None else read(created), read(lease), read(retry)
+        )
+
     # -- claiming --------------------------------------------------------------------------------
 
     def due(self, conn: Connection, *, now: datetime, limit: int) -> list[Due]:
@@ -257,16 +266,7 @@ class HotStatements:
         for lead_id, tier, step, status, created, sent, lease, retry in self._many(
             conn, _LEAD_TOUCHES, [lead.id for lead in leads]
         ):
-            views.setdefault(lead_id, []).append(
-                core.TouchView(
-                    tier,
-                    step,
-                    status,
-                    read(sent) if sent is not None else read(created),
-                    read(lease),
-                    read(retry),
-                )
-            )
+            views.setdefault(lead_id, []).append(self._view(tier, step, status, created, sent, lease, retry))
         suppressed = {row[0] for row in self._many(conn, _SUPPRESSED, [lead.email for lead in leads])}
         return [
             Due(
@@ -358,16 +358,7 @@ class HotStatements:
         for tid, lead_id, tier, step, status, attempts, msg_id, created, sent, lease, retry in touch_rows:
             if tid in wanted:
                 settling[tid] = Settling(tid, lead_id, tier, step, status, attempts, msg_id)
-            views.setdefault(lead_id, []).append(
-                core.TouchView(
-                    tier,
-                    step,
-                    status,
-                    read(sent) if sent is not None else read(created),
-                    read(lease),
-                    read(retry),
-                )
-            )
+            views.setdefault(lead_id, []).append(self._view(tier, step, status, created, sent, lease, retry))
         states = {
             lead_id: core.LeadState(
                 tier=tier,
