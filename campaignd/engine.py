@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from campaignd.channels import FALLBACK, Channel, Delivery, Outcome, Outgoing
 from campaignd.clock import utcnow
@@ -55,6 +55,9 @@ class GroupCommit(Generic[T, R]):
     :param retry_for: how long to keep retrying a failing commit of these items (the
         database may be restarting) before giving the error to the waiters.
     :param gather: how long a commit waits for members still at work.
+    :param at_once: tries the commit on the event loop itself, for a database where it
+        costs less than handing it to a thread; returns None (having done nothing) when it
+        would have to wait, and ``commit`` then runs in a thread.
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class GroupCommit(Generic[T, R]):
         name: str,
         retry_for: Callable[[list[T]], float],
         gather: float = 0.002,
+        at_once: Callable[[list[T]], list[R] | None] | None = None,
     ) -> None:
         self._commit = commit
+        self._at_once = at_once
         self._name = name
         self._retry_for = retry_for
         self._gather = gather
@@ -128,6 +133,10 @@ class GroupCommit(Generic[T, R]):
         delay = 0.5
         while True:
             try:
+                if self._at_once is not None:
+                    answers = self._at_once(items)
+                    if answers is not None:
+                        return answers
                 return await asyncio.to_thread(self._commit, items)
             except Exception as exc:
                 if time.monotonic() >= deadline:
@@ -284,7 +293,10 @@ class Dispatcher:
             return patience if any(results for results, _ in items) else 5.0
 
         advancer: GroupCommit[_Step, _Advanced] = GroupCommit(
-            self._advance, name="recording answers", retry_for=retry_for
+            self._advance,
+            name="recording answers",
+            retry_for=retry_for,
+            at_once=None if self.store.is_postgres else self._advance_at_once,
         )
         lanes: dict[str, _Lane] = {}
         for claim in claimed.claims:
@@ -526,26 +538,41 @@ class Dispatcher:
 
     def _advance(self, items: list[_Step]) -> list[_Advanced]:
         """Record every answer and mark every next message of a group, in one transaction."""
+        return _advanced(items, self.store.advance(**self._advancing(items)))
+
+    def _advance_at_once(self, items: list[_Step]) -> list[_Advanced] | None:
+        """``_advance`` on the event loop, if the database can take it without waiting."""
+        done = self.store.advance_at_once(**self._advancing(items))
+        return None if done is None else _advanced(items, done)
+
+    def _advancing(self, items: list[_Step]) -> dict[str, Any]:
+        """What the store is asked, for a group's items."""
         d = self.settings.dispatch
-        recorded, marked = self.store.advance(
-            [result for results, _ in items for result in results],
-            [touch_id for _, touch_id in items if touch_id is not None],
-            worker=self.worker,
-            policy=self.policy,
-            now=self.clock(),
-            lease=d.lease,
-            max_attempts=d.max_attempts,
-            backoff=d.retry_backoff,
-            backoff_max=d.retry_backoff_max,
+        return {
+            "results": [result for results, _ in items for result in results],
+            "leaving": [touch_id for _, touch_id in items if touch_id is not None],
+            "worker": self.worker,
+            "policy": self.policy,
+            "now": self.clock(),
+            "lease": d.lease,
+            "max_attempts": d.max_attempts,
+            "backoff": d.retry_backoff,
+            "backoff_max": d.retry_backoff_max,
+        }
+
+
+def _advanced(items: list[_Step], done: tuple[list[Recorded], set[int]]) -> list[_Advanced]:
+    """Each item's share of what the store did: its answers' records, and whether its next
+    message may leave."""
+    recorded, marked = done
+    by_touch = {rec.touch_id: rec for rec in recorded}
+    return [
+        (
+            [by_touch[r.touch_id] for r in results if r.touch_id in by_touch],
+            touch_id is not None and touch_id in marked,
         )
-        by_touch = {rec.touch_id: rec for rec in recorded}
-        return [
-            (
-                [by_touch[r.touch_id] for r in results if r.touch_id in by_touch],
-                touch_id is not None and touch_id in marked,
-            )
-            for results, touch_id in items
-        ]
+        for results, touch_id in items
+    ]
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

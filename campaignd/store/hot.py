@@ -221,6 +221,15 @@ class HotStatements:
             self._updates[(table.name, keys)] = sql
         return sql
 
+    def sqlite_wait(self, conn: Connection, wait: bool) -> None:
+        """Let transactions on this SQLite connection wait for the write lock (up to the busy
+        timeout it was opened with), or not at all."""
+        dbapi = conn.connection.dbapi_connection
+        info = conn.connection.info
+        if "busy_timeout" not in info:
+            info["busy_timeout"] = dbapi.execute("PRAGMA busy_timeout").fetchone()[0]  # type: ignore[union-attr]
+        dbapi.execute(f"PRAGMA busy_timeout = {int(info['busy_timeout']) if wait else 0}")  # type: ignore[union-attr]
+
     def pipeline(self, conn: Connection, *, enabled: bool = True) -> AbstractContextManager[Any]:
         """On PostgreSQL, send the transaction's statements without waiting for each answer
         (psycopg's pipeline mode): the server is asked only when a result is read, so the

@@ -6,6 +6,9 @@ test moves, so no clock is frozen and nothing sleeps.
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
 from email.message import Message
@@ -18,7 +21,8 @@ from campaignd.channels import Outcome, Outgoing
 from campaignd.daemon import prepare
 from campaignd.engine import Dispatcher
 from campaignd.models import LeadStatus, SuppressionReason, TouchStatus
-from campaignd.store import LeadInput, Store
+from campaignd.sequences import Policy
+from campaignd.store import LeadInput, Result, Store
 from campaignd.testing import MemoryChannel
 from tests.factories import make_settings
 
@@ -495,3 +499,41 @@ async def test_held_touches_settled_by_hand_release_the_drip_without_a_resend(
     # Ann's second touch reaches the threshold of 2: the settled intro counted.
     assert store.get_lead("ann@example.com").status == LeadStatus.FLAGGED
     assert store.get_lead("bob@example.com").status == LeadStatus.ACTIVE
+
+
+def test_recording_at_once_gives_up_on_a_locked_database_and_changes_nothing(
+    tmp_path: Path, store: Store, db_url: str
+) -> None:
+    add_leads(store, "ann@example.com")
+    settings = make_settings(tmp_path, db_url="")
+    policy = Policy.from_settings(settings)
+    claimed = store.claim(policy=policy, now=T0, limit=10, worker="w").claims
+    touch = claimed[0].touch_id
+    args = {
+        "worker": "w",
+        "policy": policy,
+        "now": T0,
+        "lease": timedelta(minutes=5),
+        "max_attempts": 3,
+        "backoff": timedelta(minutes=1),
+        "backoff_max": timedelta(hours=1),
+    }
+    if store.is_postgres:
+        # Every statement waits for the server there: always in a thread.
+        assert store.advance_at_once([], [touch], **args) is None
+        return
+    other = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    started = time.monotonic()
+    assert store.advance_at_once([], [touch], **args) is None
+    assert time.monotonic() - started < 1  # not the 10 s busy timeout
+    assert store.get_touch(touch).status == "claimed"  # type: ignore[union-attr]
+    # The connection waits for the lock again afterwards: a writer that lets go within
+    # the busy timeout only delays the transaction.
+    threading.Timer(0.5, other.rollback).start()
+    started = time.monotonic()
+    assert store.advance([], [touch], **args) == ([], {touch})
+    assert time.monotonic() - started >= 0.4
+    other.close()
+    recorded, marked = store.advance_at_once([Result(touch, "sent", "250 ok")], [], **args)  # type: ignore[misc]
+    assert [r.status for r in recorded] == ["sent"] and marked == set()
