@@ -538,11 +538,13 @@ class Dispatcher:
 
     def _advance(self, items: list[_Step]) -> list[_Advanced]:
         """Record every answer and mark every next message of a group, in one transaction."""
-        return _advanced(items, self.store.advance(**self._advancing(items)))
+        done = self.store.advance(**self._advancing(items))
+        assert done is not None  # only a transaction told not to wait gives up
+        return _advanced(items, done)
 
     def _advance_at_once(self, items: list[_Step]) -> list[_Advanced] | None:
         """``_advance`` on the event loop, if the database can take it without waiting."""
-        done = self.store.advance_at_once(**self._advancing(items))
+        done = self.store.advance(**self._advancing(items), wait=False)
         return None if done is None else _advanced(items, done)
 
     def _advancing(self, items: list[_Step]) -> dict[str, Any]:

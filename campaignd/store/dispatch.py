@@ -194,81 +194,24 @@ class DispatchQueries(StoreBase):
         max_attempts: int,
         backoff: timedelta,
         backoff_max: timedelta,
-    ) -> tuple[list[Recorded], set[int]]:
+        wait: bool = True,
+    ) -> tuple[list[Recorded], set[int]] | None:
         """Record answers and mark the next messages as leaving, in one transaction.
 
         A sender that just got an answer usually has its next message ready: settling the
         one and marking the other together halves the commits on the hot path without
         weakening either promise (the answer is durable before anything else happens,
         and nothing leaves before its mark is durable).
-        """
-        done = self._advance(
-            results,
-            leaving,
-            wait=True,
-            worker=worker,
-            policy=policy,
-            now=now,
-            lease=lease,
-            max_attempts=max_attempts,
-            backoff=backoff,
-            backoff_max=backoff_max,
-        )
-        assert done is not None  # only a transaction that may not wait gives up
-        return done
 
-    def advance_at_once(
-        self,
-        results: Sequence[Result],
-        leaving: Sequence[int],
-        *,
-        worker: str,
-        policy: core.Policy,
-        now: datetime,
-        lease: timedelta,
-        max_attempts: int,
-        backoff: timedelta,
-        backoff_max: timedelta,
-    ) -> tuple[list[Recorded], set[int]] | None:
-        """``advance``, if it can run without waiting for anything; None (and nothing
-        done) if it would have to wait.
-
-        On SQLite the transaction is a few hundred microseconds of work on a local file,
-        and the one thing it can wait for is the write lock: if another writer holds it,
-        this gives up at once instead of waiting out the busy timeout. The dispatcher
-        runs this on its event loop, which spares it a thread hand-off per commit, and
-        runs ``advance`` in a thread when this gives up. On PostgreSQL every statement
-        waits for the server: always None.
+        :param wait: False: give up at once, doing nothing and returning None, rather than
+            wait for anything. On SQLite the transaction is a few hundred microseconds of
+            work on a local file, and the one thing it can wait for is the write lock held
+            by another writer; the dispatcher runs it so on its event loop, which spares a
+            thread hand-off per commit, and again in a thread when it gives up. On
+            PostgreSQL every statement waits for the server: always None.
         """
-        if self.is_postgres:
+        if not wait and self.is_postgres:
             return None
-        return self._advance(
-            results,
-            leaving,
-            wait=False,
-            worker=worker,
-            policy=policy,
-            now=now,
-            lease=lease,
-            max_attempts=max_attempts,
-            backoff=backoff,
-            backoff_max=backoff_max,
-        )
-
-    def _advance(
-        self,
-        results: Sequence[Result],
-        leaving: Sequence[int],
-        *,
-        wait: bool,
-        worker: str,
-        policy: core.Policy,
-        now: datetime,
-        lease: timedelta,
-        max_attempts: int,
-        backoff: timedelta,
-        backoff_max: timedelta,
-    ) -> tuple[list[Recorded], set[int]] | None:
         conn = self._sender_connection()
         try:
             if not wait:

@@ -520,12 +520,12 @@ def test_recording_at_once_gives_up_on_a_locked_database_and_changes_nothing(
     }
     if store.is_postgres:
         # Every statement waits for the server there: always in a thread.
-        assert store.advance_at_once([], [touch], **args) is None
+        assert store.advance([], [touch], **args, wait=False) is None
         return
     other = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
     started = time.monotonic()
-    assert store.advance_at_once([], [touch], **args) is None
+    assert store.advance([], [touch], **args, wait=False) is None
     assert time.monotonic() - started < 1  # not the 10 s busy timeout
     assert store.get_touch(touch).status == "claimed"  # type: ignore[union-attr]
     # The connection waits for the lock again afterwards: a writer that lets go within
@@ -535,5 +535,5 @@ def test_recording_at_once_gives_up_on_a_locked_database_and_changes_nothing(
     assert store.advance([], [touch], **args) == ([], {touch})
     assert time.monotonic() - started >= 0.4
     other.close()
-    recorded, marked = store.advance_at_once([Result(touch, "sent", "250 ok")], [], **args)  # type: ignore[misc]
+    recorded, marked = store.advance([Result(touch, "sent", "250 ok")], [], **args, wait=False)  # type: ignore[misc]
     assert [r.status for r in recorded] == ["sent"] and marked == set()
