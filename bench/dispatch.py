@@ -315,7 +315,7 @@ def main() -> None:
             f"{args.connections} connections to smtp-sink on 127.0.0.1; {os.cpu_count()} CPUs; "
             f"median of {args.rounds} rounds"
         )
-        print(f"{'run':<32}{'messages':>10}{'seconds':>9}{'msg/s':>9}{'ratio':>7}{'peak MB':>9}  range msg/s")
+        print(f"{'run':<34}{'messages':>10}{'seconds':>9}{'msg/s':>9}{'ratio':>7}{'peak MB':>9}  range msg/s")
         for size in args.sizes:
             results: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in runs}
             for _ in range(args.rounds):
@@ -329,7 +329,7 @@ def main() -> None:
                 peak = max(r["peak_mb"] for r in results[label])
                 ratio = "" if label == "bare aiosmtplib" else f"{rate / ceiling:.2f}"
                 print(
-                    f"{label:<32}{size:>10}{seconds:>9.1f}{rate:>9.0f}{ratio:>7}{peak:>9.0f}"
+                    f"{label:<34}{size:>10}{seconds:>9.1f}{rate:>9.0f}{ratio:>7}{peak:>9.0f}"
                     f"  {min(rates):.0f}-{max(rates):.0f}"
                 )
     finally:
