@@ -17,11 +17,13 @@ limit across the pool. Every answer is classified for the dispatcher:
 - the link failing or timing out after DATA began: ``unknown``, because the relay may
   have accepted the message; it is never resent by itself.
 
-The envelope and the data go through aiosmtplib's command layer rather than its
-``mail``/``rcpt``/``data`` helpers when the work those do is already done: an address
-campaignd has checked needs no parsing again, and a message that already has CRLF line
-ends (every one ``build_email`` makes) is not rewritten line by line. That is a third
-of the client's work per message.
+aiosmtplib makes each connection (TLS, STARTTLS, EHLO, login). When the relay offers
+PIPELINING, :mod:`campaignd.pipelining` takes the connection over and sends MAIL, RCPT
+and DATA in one write; otherwise the commands go one at a time through aiosmtplib's
+command layer. Either way the work aiosmtplib's ``mail``/``rcpt``/``data`` helpers would
+do again is skipped: an address campaignd has checked needs no parsing, and a message
+that already has CRLF line ends (every one ``build_email`` makes) is not rewritten line
+by line.
 """
 
 from __future__ import annotations
@@ -57,10 +59,11 @@ from campaignd.pipelining import Pipelined
 logger = logging.getLogger(__name__)
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})")
-_PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
+_PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+@[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+")
 """An address that goes on the command line as it is: nothing to unquote, nothing that
 could smuggle a parameter in (anything else goes through aiosmtplib's own parsing)."""
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -268,6 +271,12 @@ class SmtpChannel:
                 ), False
         sender, sender_utf8 = envelope_address(message.sender)
         recipient, recipient_utf8 = envelope_address(message.recipient)
+        for address in (sender, recipient):
+            if _CONTROL_TEXT.search(address):
+                # Line breaks and such would be dropped by a lenient parser (another
+                # address) or end the command (another command): refused, nothing sent.
+                detail = f"{address!r} contains characters not allowed on an SMTP command line"
+                return Delivery(touch, Outcome.REJECTED, detail), True
         options: list[str] = []
         encoding = "ascii"
         if sender_utf8 or recipient_utf8:
@@ -306,6 +315,10 @@ class SmtpChannel:
             return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {_describe(exc)}"), False
         except SMTPNotSupported as exc:
             return Delivery(touch, Outcome.REJECTED, _describe(exc)), True
+        except ValueError as exc:
+            # An address that cannot go on a command line: refused before it was sent (the
+            # sender may have been: the transaction is reset).
+            return Delivery(touch, Outcome.REJECTED, str(exc)), await self._reset(client, 0)
         try:
             async with asyncio.timeout_at(deadline):
                 response = await _data(client, message.data, crlf=message.crlf)

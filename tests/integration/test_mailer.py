@@ -212,6 +212,15 @@ async def test_an_address_that_needs_quoting_goes_through_aiosmtplibs_parsing(sm
     assert smtpd.received[0].recipients == ('"john doe"@example.com',)
 
 
+async def test_an_address_that_would_smuggle_a_command_is_refused_and_the_link_goes_on(
+    smtpd: SmtpServer,
+) -> None:
+    outcomes = await send_all(channel(smtpd), [message(1, "a\r\nRSET@example.com"), message(2)])
+    assert outcomes == [Outcome.REJECTED, Outcome.SENT]
+    assert [r.recipients for r in smtpd.received] == [("lead2@example.com",)]
+    assert smtpd.connections == 1
+
+
 def test_the_wire_form_of_a_message() -> None:
     assert wire_data(b"a\r\nb\r\n") == b"a\r\nb\r\n.\r\n"
     assert wire_data(b"a\r\nb") == b"a\r\nb\r\n.\r\n"
