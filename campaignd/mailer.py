@@ -38,16 +38,10 @@ import aiosmtplib
 import idna
 from aiosmtplib import (
     SMTPAuthenticationError,
-    SMTPConnectError,
-    SMTPDataError,
     SMTPException,
     SMTPHeloError,
-    SMTPNotSupported,
-    SMTPRecipientRefused,
     SMTPResponseException,
-    SMTPSenderRefused,
     SMTPServerDisconnected,
-    SMTPTimeoutError,
 )
 from aiosmtplib.email import quote_address
 from aiosmtplib.response import SMTPResponse
@@ -59,11 +53,10 @@ from campaignd.pipelining import Pipelined
 logger = logging.getLogger(__name__)
 
 _ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})")
-_PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+@[^\s<>()\[\]\\,;:\"@\x00-\x1f\x7f]+")
+_PLAIN_ADDRESS = re.compile(r"[^\s<>()\[\]\\,;:\"@]+@[^\s<>()\[\]\\,;:\"@]+")
 """An address that goes on the command line as it is: nothing to unquote, nothing that
 could smuggle a parameter in (anything else goes through aiosmtplib's own parsing)."""
-_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
-_CONTROL_TEXT = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 
@@ -128,50 +121,39 @@ async def _hello(client: aiosmtplib.SMTP) -> None:
         await client.helo()
 
 
-async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str], encoding: str) -> None:
-    if not _PLAIN_ADDRESS.fullmatch(sender):
-        await client.mail(sender, options=options, encoding=encoding, timeout=None)
-        return
-    extra = [option.encode("ascii") for option in options]
-    response = await client.execute_command(
-        b"MAIL", b"FROM:<" + sender.encode(encoding) + b">", *extra, timeout=None
-    )
-    if response.code != 250:
-        raise SMTPSenderRefused(response.code, response.message, sender)
+class _OneAtATime:
+    """A relay without PIPELINING: each command goes through aiosmtplib's command layer
+    and waits for its answer."""
 
+    def __init__(self, client: aiosmtplib.SMTP) -> None:
+        self.client = client
 
-async def _rcpt(client: aiosmtplib.SMTP, recipient: str, encoding: str) -> None:
-    if not _PLAIN_ADDRESS.fullmatch(recipient):
-        await client.rcpt(recipient, encoding=encoding, timeout=None)
-        return
-    response = await client.execute_command(
-        b"RCPT", b"TO:<" + recipient.encode(encoding) + b">", timeout=None
-    )
-    if response.code not in (250, 251):
-        raise SMTPRecipientRefused(response.code, response.message, recipient)
+    @property
+    def usable(self) -> bool:
+        return self.client.is_connected
 
+    async def command(self, line: bytes) -> SMTPResponse:
+        return await self.client.execute_command(line, timeout=None)
 
-async def _data(client: aiosmtplib.SMTP, message: bytes, *, crlf: bool) -> SMTPResponse:
-    """DATA, then the message in its wire form; raises as ``SMTP.data`` does.
+    async def envelope(self, mail: bytes, rcpt: bytes) -> list[SMTPResponse]:
+        """MAIL, then RCPT if the sender was accepted, then DATA if the recipient was."""
+        replies = [await self.command(mail)]
+        if replies[-1].code == 250:
+            replies.append(await self.command(rcpt))
+            if replies[-1].code in (250, 251):
+                replies.append(await self.command(b"DATA"))
+        return replies
 
-    Commands here wait without a timer of their own: the caller bounds the whole exchange.
-    """
-    start = await client.execute_command(b"DATA", timeout=None)
-    if start.code != 354:
-        raise SMTPDataError(start.code, start.message)
-    protocol = client.protocol
-    if protocol is None:
-        raise SMTPServerDisconnected("Connection lost")
-    try:
+    async def data(self, payload: bytes) -> SMTPResponse:
+        protocol = self.client.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("the connection to the relay is closed")
         # Nothing runs between the write and the read, so the answer cannot be missed.
-        protocol.write(wire_data(message, crlf=crlf))
-        response = await protocol.read_response(timeout=None)
-    except (SMTPServerDisconnected, SMTPTimeoutError):
-        client.close()
-        raise
-    if response.code != 250:
-        raise SMTPDataError(response.code, response.message)
-    return response
+        protocol.write(payload)
+        return await protocol.read_response(timeout=None)
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def _describe(exc: BaseException) -> str:
@@ -269,15 +251,13 @@ class SmtpChannel:
                 return Delivery(
                     touch, Outcome.UNAVAILABLE, f"cannot reach the relay: {_describe(exc)}"
                 ), False
+            if client.supports_extension("pipelining") and client.transport is not None:
+                link.talk = Pipelined(cast(asyncio.Transport, client.transport))
+            else:
+                link.talk = _OneAtATime(client)
         sender, sender_utf8 = envelope_address(message.sender)
         recipient, recipient_utf8 = envelope_address(message.recipient)
-        for address in (sender, recipient):
-            if _CONTROL_TEXT.search(address):
-                # Line breaks and such would be dropped by a lenient parser (another
-                # address) or end the command (another command): refused, nothing sent.
-                detail = f"{address!r} contains characters not allowed on an SMTP command line"
-                return Delivery(touch, Outcome.REJECTED, detail), True
-        options: list[str] = []
+        options = b""
         encoding = "ascii"
         if sender_utf8 or recipient_utf8:
             if not client.supports_extension("smtputf8"):
@@ -286,112 +266,37 @@ class SmtpChannel:
                     Outcome.REJECTED,
                     f"{message.recipient} needs SMTPUTF8, which the relay does not offer",
                 ), True
-            options, encoding = ["SMTPUTF8"], "utf-8"
-        # One deadline for the whole exchange, rather than a timer per command.
-        deadline = asyncio.get_running_loop().time() + self.settings.timeout.total_seconds()
-        if link.pipe is None and client.supports_extension("pipelining") and client.transport is not None:
-            link.pipe = Pipelined(cast(asyncio.Transport, client.transport))
-        if link.pipe is not None:
-            return await self._pipelined(link.pipe, message, sender, recipient, options, encoding, deadline)
+            options, encoding = b" SMTPUTF8", "utf-8"
         try:
-            async with asyncio.timeout_at(deadline):
-                await _mail(client, sender, options, encoding)
-                await _rcpt(client, recipient, encoding)
-        except SMTPRecipientRefused as exc:
-            outcome = Outcome.PERMANENT if exc.code >= 500 else Outcome.TEMPORARY
-            return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
-        except SMTPSenderRefused as exc:
-            outcome = Outcome.REJECTED if exc.code >= 500 else Outcome.TEMPORARY
-            detail = f"the relay refused the sender {message.sender}: {_describe(exc)}"
-            return Delivery(touch, outcome, detail, exc.code), await self._reset(client, exc.code)
-        except SMTPResponseException as exc:
-            outcome = Outcome.REJECTED if exc.code >= 500 else Outcome.TEMPORARY
-            return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
-        except TimeoutError:
-            detail = f"the relay did not answer within {self.settings.timeout.total_seconds():g}s"
-            return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {detail}"), False
-        except (SMTPServerDisconnected, SMTPTimeoutError, SMTPConnectError, OSError) as exc:
-            # Nothing was handed over before DATA: safe to try again later.
-            return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {_describe(exc)}"), False
-        except SMTPNotSupported as exc:
-            return Delivery(touch, Outcome.REJECTED, _describe(exc)), True
+            mail = b"MAIL FROM:" + _command_path(sender, encoding) + options
+            rcpt = b"RCPT TO:" + _command_path(recipient, encoding)
         except ValueError as exc:
-            # An address that cannot go on a command line: refused before it was sent (the
-            # sender may have been: the transaction is reset).
-            return Delivery(touch, Outcome.REJECTED, str(exc)), await self._reset(client, 0)
-        try:
-            async with asyncio.timeout_at(deadline):
-                response = await _data(client, message.data, crlf=message.crlf)
-        except SMTPDataError as exc:
-            if exc.code >= 500:
-                outcome = Outcome.PERMANENT if _about_the_address(exc.code, exc.message) else Outcome.REJECTED
-            else:
-                outcome = Outcome.TEMPORARY
-            return Delivery(touch, outcome, _describe(exc), exc.code), await self._reset(client, exc.code)
-        except TimeoutError:
-            detail = f"the relay did not answer within {self.settings.timeout.total_seconds():g}s"
-            return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {detail}"), False
-        except (SMTPServerDisconnected, SMTPTimeoutError, OSError) as exc:
-            # The relay may have taken the message before the link failed: never guess.
-            return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {_describe(exc)}"), False
-        return Delivery(
-            touch, Outcome.SENT, f"{response.code} {response.message}".strip(), response.code
-        ), True
-
-    async def _pipelined(
-        self,
-        pipe: Pipelined,
-        message: Outgoing,
-        sender: str,
-        recipient: str,
-        options: list[str],
-        encoding: str,
-        deadline: float,
-    ) -> tuple[Delivery, bool]:
-        """The exchange with a relay that offers PIPELINING: MAIL, RCPT and DATA in one
-        write, their three replies, then the data and its reply."""
-        touch = message.touch_id
-        try:
-            envelope = (
-                b"MAIL FROM:"
-                + _command_path(sender, encoding)
-                + b"".join(b" " + option.encode("ascii") for option in options)
-                + b"\r\nRCPT TO:"
-                + _command_path(recipient, encoding)
-                + b"\r\nDATA\r\n"
-            )
-        except ValueError as exc:
+            # Line breaks and such would end the command (another command) or be dropped
+            # by a lenient parser (another address): refused, nothing sent.
             return Delivery(touch, Outcome.REJECTED, str(exc)), True
+        talk = link.talk
+        assert talk is not None
         timeout = self.settings.timeout.total_seconds()
+        # One deadline for the whole exchange, rather than a timer per command.
+        deadline = asyncio.get_running_loop().time() + timeout
         try:
             async with asyncio.timeout_at(deadline):
-                pipe.write(envelope)
-                mail, rcpt, data = await pipe.reply(), await pipe.reply(), await pipe.reply()
+                replies = await talk.envelope(mail, rcpt)
         except TimeoutError:
             detail = f"the relay did not answer within {timeout:g}s"
             return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {detail}"), False
         except (SMTPException, OSError) as exc:
             # Nothing was handed over before DATA: safe to try again later.
             return Delivery(touch, Outcome.TEMPORARY, f"link failed before the data: {_describe(exc)}"), False
-        refusal: Delivery | None = None
-        if mail.code != 250:
-            outcome = Outcome.REJECTED if mail.code >= 500 else Outcome.TEMPORARY
-            detail = f"the relay refused the sender {message.sender}: {_reply(mail)}"
-            refusal = Delivery(touch, outcome, detail, mail.code)
-        elif rcpt.code not in (250, 251):
-            outcome = Outcome.PERMANENT if rcpt.code >= 500 else Outcome.TEMPORARY
-            refusal = Delivery(touch, outcome, _reply(rcpt), rcpt.code)
-        elif data.code != 354:
-            refusal = Delivery(touch, _data_outcome(data), _reply(data), data.code)
+        refusal = _refusal(message, replies)
         if refusal is not None:
-            if data.code == 354:
-                # The relay waits for data it must not get: this connection is done.
+            if replies[-1].code == 354:
+                # Pipelined: the relay waits for data it must not get; this connection is done.
                 return refusal, False
-            return refusal, await self._reset_pipe(pipe, refusal.code or 0)
+            return refusal, await self._reset(talk, refusal.code or 0)
         try:
             async with asyncio.timeout_at(deadline):
-                pipe.write(wire_data(message.data, crlf=message.crlf))
-                done = await pipe.reply()
+                done = await talk.data(wire_data(message.data, crlf=message.crlf))
         except TimeoutError:
             detail = f"the relay did not answer within {timeout:g}s"
             return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {detail}"), False
@@ -400,24 +305,15 @@ class SmtpChannel:
             return Delivery(touch, Outcome.UNKNOWN, f"link failed during the data: {_describe(exc)}"), False
         if done.code != 250:
             refused = Delivery(touch, _data_outcome(done), _reply(done), done.code)
-            return refused, await self._reset_pipe(pipe, done.code)
+            return refused, await self._reset(talk, done.code)
         return Delivery(touch, Outcome.SENT, _reply(done), done.code), True
 
-    async def _reset(self, client: aiosmtplib.SMTP, code: int) -> bool:
+    async def _reset(self, talk: Pipelined | _OneAtATime, code: int) -> bool:
         """Make the connection ready for the next message after a refusal; False if it is not."""
-        if code == 421 or not client.is_connected:
+        if code == 421 or not talk.usable:
             return False
         try:
-            await client.rset()
-        except (SMTPException, OSError, TimeoutError):
-            return False
-        return True
-
-    async def _reset_pipe(self, pipe: Pipelined, code: int) -> bool:
-        if code == 421 or not pipe.usable:
-            return False
-        try:
-            reply = await asyncio.wait_for(pipe.command(b"RSET"), self.settings.timeout.total_seconds())
+            reply = await asyncio.wait_for(talk.command(b"RSET"), self.settings.timeout.total_seconds())
         except (SMTPException, OSError, TimeoutError):
             return False
         return reply.code == 250
@@ -426,10 +322,8 @@ class SmtpChannel:
         idle, self._idle = self._idle, []
         for link in idle:
             try:
-                if link.pipe is not None:
-                    await asyncio.wait_for(link.pipe.command(b"QUIT"), 2)
-                else:
-                    await asyncio.wait_for(link.client.quit(), 2)
+                if link.talk is not None and link.talk.usable:
+                    await asyncio.wait_for(link.talk.command(b"QUIT"), 2)
             except (SMTPException, OSError, TimeoutError):
                 pass
             finally:
@@ -438,32 +332,49 @@ class SmtpChannel:
 
 @dataclass(slots=True)
 class _Link:
-    """One connection to the relay: made and greeted by aiosmtplib, and taken over by
-    :class:`Pipelined` when the relay offers PIPELINING."""
+    """One connection to the relay: made and greeted by aiosmtplib, then talked over by
+    :class:`Pipelined` when the relay offers PIPELINING, one command at a time otherwise."""
 
     client: aiosmtplib.SMTP
-    pipe: Pipelined | None = None
+    talk: Pipelined | _OneAtATime | None = None
+    """None until connected."""
 
     @property
     def connected(self) -> bool:
-        if self.pipe is not None:
-            return self.pipe.usable
-        return self.client.is_connected
+        return self.talk is not None and self.talk.usable
 
     def close(self) -> None:
-        if self.pipe is not None:
-            self.pipe.close()
+        if self.talk is not None:
+            self.talk.close()
         self.client.close()
 
 
 def _command_path(address: str, encoding: str) -> bytes:
     """``<address>`` for MAIL FROM or RCPT TO; raises ValueError for one that cannot go
     on a command line."""
-    path = f"<{address}>" if _PLAIN_ADDRESS.fullmatch(address) else quote_address(address)
-    data = path.encode(encoding)
-    if _CONTROL.search(data):
+    if _CONTROL.search(address):
         raise ValueError(f"{address!r} contains characters not allowed on an SMTP command line")
-    return data
+    path = f"<{address}>" if _PLAIN_ADDRESS.fullmatch(address) else quote_address(address)
+    return path.encode(encoding)
+
+
+def _refusal(message: Outgoing, replies: list[SMTPResponse]) -> Delivery | None:
+    """What a refusal among the replies to MAIL, RCPT and DATA means, or None if all
+    three accepted. Replies stop at the first refusal, except when pipelined."""
+    touch = message.touch_id
+    mail = replies[0]
+    if mail.code != 250:
+        outcome = Outcome.REJECTED if mail.code >= 500 else Outcome.TEMPORARY
+        detail = f"the relay refused the sender {message.sender}: {_reply(mail)}"
+        return Delivery(touch, outcome, detail, mail.code)
+    rcpt = replies[1]
+    if rcpt.code not in (250, 251):
+        outcome = Outcome.PERMANENT if rcpt.code >= 500 else Outcome.TEMPORARY
+        return Delivery(touch, outcome, _reply(rcpt), rcpt.code)
+    data = replies[2]
+    if data.code != 354:
+        return Delivery(touch, _data_outcome(data), _reply(data), data.code)
+    return None
 
 
 def _data_outcome(reply: SMTPResponse) -> Outcome:

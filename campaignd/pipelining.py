@@ -89,6 +89,16 @@ class Pipelined(asyncio.Protocol):
         self.write(line + b"\r\n")
         return await self.reply()
 
+    async def envelope(self, mail: bytes, rcpt: bytes) -> list[SMTPResponse]:
+        """MAIL, RCPT and DATA in one write, and their three replies."""
+        self.write(mail + b"\r\n" + rcpt + b"\r\nDATA\r\n")
+        return [await self.reply(), await self.reply(), await self.reply()]
+
+    async def data(self, payload: bytes) -> SMTPResponse:
+        """The message in its wire form (ending with the lone dot), and the reply to it."""
+        self.write(payload)
+        return await self.reply()
+
     def close(self) -> None:
         self._fail(SMTPServerDisconnected("the connection to the relay is closed"))
         self.transport.close()
